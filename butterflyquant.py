@@ -220,8 +220,16 @@ class Transform(nn.Module):
     def q(self):
         return self.base.to(self.A.dtype) @ cayley(self.A)
 
+    def _b(self, y, transpose):
+        """B y on the last axis. For m <= 512 a dense m x m product is faster than log2(m) elementwise passes
+        (and B itself costs O(m^2 log m)); the same matrix either way."""
+        if self.m <= 512:
+            B = self.butterfly.matrix()
+            return y @ (B if transpose else B.T)
+        return self.butterfly.transpose(y) if transpose else self.butterfly(y)
+
     def forward(self, x):            # (..., n)
-        y = self.butterfly(x.reshape(*x.shape[:-1], self.K, self.m))     # (..., K, m)
+        y = self._b(x.reshape(*x.shape[:-1], self.K, self.m), False)     # (..., K, m)
         if self.K > 1:
             y = self.q() @ y
         return y.reshape(x.shape)
@@ -230,11 +238,11 @@ class Transform(nn.Module):
         y = x.reshape(*x.shape[:-1], self.K, self.m)
         if self.K > 1:
             y = self.q().T @ y
-        return self.butterfly.transpose(y).reshape(x.shape)
+        return self._b(y, True).reshape(x.shape)
 
-    def matrix(self):
-        p = self.butterfly.theta
-        return self.forward(torch.eye(self.n, dtype=p.dtype, device=p.device)).T
+    def matrix(self):                # Q (x) B
+        B = self.butterfly.matrix()
+        return torch.kron(self.q(), B.contiguous()) if self.K > 1 else B
 
 
 class FixedTransform(nn.Module):
@@ -283,7 +291,8 @@ def _minmax_params(xmin, xmax, bits, sym):
         xmin = -xmax
     flat = (xmax - xmin) == 0
     xmin, xmax = torch.where(flat, -torch.ones_like(xmin), xmin), torch.where(flat, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
+    scale = ((xmax - xmin) / maxq).clamp_min(1e-5)
+    scale = scale + (scale.half().float() - scale).detach()   # use what is stored (fp16); gradient as if fp32
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
 
@@ -421,11 +430,10 @@ def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False):
 # n*bits bits for any n (no per-row padding), and for 2/4/8 bits this is the usual 32/bits values per word.
 
 def pack(q, bits):
-    """q (R, n) integers in [0, 2^bits) -> int32 words (ceil(R*n*bits/32) + 1,). The extra word lets a reader
-    fetch two words at any offset."""
+    """q (R, n) integers in [0, 2^bits) -> int32 words (ceil(R*n*bits/32),)."""
     flat = q.reshape(-1).to(torch.int64)
     nbits = flat.numel() * bits
-    words = torch.zeros(-(-nbits // 32) + 1, dtype=torch.int64, device=q.device)
+    words = torch.zeros(-(-nbits // 32), dtype=torch.int64, device=q.device)
     for b in range(bits):   # scatter bit b of every value to its place in the stream
         pos = torch.arange(flat.numel(), device=q.device) * bits + b
         words.index_add_(0, pos >> 5, ((flat >> b) & 1) << (pos & 31))
@@ -435,10 +443,10 @@ def pack(q, bits):
 def unpack(words, bits, shape):
     """Inverse of pack: int32 words -> integers of `shape` (uint8)."""
     numel = shape[0] * shape[1]
-    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat((words.to(torch.int64) & 0xFFFFFFFF, words.new_zeros(1, dtype=torch.int64)))
     pos = torch.arange(numel, device=words.device) * bits
     lo, sh = pos >> 5, pos & 31
-    v = (w[lo] >> sh) | (w[lo + 1] << (32 - sh))     # two words cover any bits-wide window
+    v = (w[lo] >> sh) | (w[lo + 1] << (32 - sh))     # a value may straddle two words
     return (v & (2 ** bits - 1)).to(torch.uint8).view(shape)
 
 

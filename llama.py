@@ -252,10 +252,13 @@ def swap_linears(model, fn):
 # tokenizers: encode(text, bos=False) -> ids, decode(ids) -> text
 
 class SentencePieceTokenizer:
-    """LLaMA-1/2 (and stories260K) SentencePiece models."""
-    def __init__(self, path):
+    """LLaMA-1/2 (and stories260K) SentencePiece models. `blob` is the model file's bytes."""
+    kind = "sentencepiece"
+
+    def __init__(self, blob):
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.blob = blob
+        self.sp = spm.SentencePieceProcessor(model_proto=blob)
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.n_vocab = self.sp.vocab_size()
         self.add_bos = True
@@ -270,8 +273,9 @@ class SentencePieceTokenizer:
 class TiktokenTokenizer:
     """A tiktoken Encoding whose ranks are model ids (LLaMA-3), or are renumbered through `id_of_rank`
     with `token_bytes` for decoding (GGUF byte-level BPE, whose ids need not follow the merge order)."""
-    def __init__(self, enc, bos_id, eos_id, n_vocab, id_of_rank=None, token_bytes=None):
+    def __init__(self, enc, bos_id, eos_id, n_vocab, id_of_rank=None, token_bytes=None, kind="tiktoken", blob=b""):
         self.enc, self.bos_id, self.eos_id, self.n_vocab = enc, bos_id, eos_id, n_vocab
+        self.kind, self.blob = kind, blob   # enough to rebuild it: tokenizer_from_blob(kind, blob)
         self.id_of_rank, self.token_bytes = id_of_rank, token_bytes
         self.add_bos = token_bytes is None    # LLaMA-3 prepends <|begin_of_text|>; GGUF says add_bos_token False
 
@@ -292,18 +296,18 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def llama3_tokenizer(path):
+def llama3_tokenizer(blob):
+    """LLaMA-3's ranks file (lines `base64(token) rank`) with its 256 special tokens."""
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-    ranks = load_tiktoken_bpe(path)
+    ranks = {base64.b64decode(tok): int(r) for tok, r in (line.split() for line in blob.splitlines() if line)}
     n = len(ranks)
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                 "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                 "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
     specials += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(specials) + 2)]
-    enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+    enc = tiktoken.Encoding(name="llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                             special_tokens={s: n + i for i, s in enumerate(specials)})
-    return TiktokenTokenizer(enc, bos_id=n, eos_id=n + 9, n_vocab=n + len(specials))   # eos: <|eot_id|>
+    return TiktokenTokenizer(enc, bos_id=n, eos_id=n + 9, n_vocab=n + len(specials), blob=blob)   # eos: <|eot_id|>
 
 
 def gpt2_byte_decoder():
@@ -324,28 +328,39 @@ SMOLLM_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+
 
 
 def gguf_tokenizer(reader):
-    """Byte-level BPE from GGUF metadata as a tiktoken Encoding. tiktoken merges the adjacent pair whose
-    result has the lowest rank; ranking each token by the position of the merge that makes it (bytes first)
-    reproduces BPE's lowest-merge-first rule."""
-    import tiktoken
     meta = lambda k, d=None: reader.fields[k].contents() if k in reader.fields else d
     if meta("tokenizer.ggml.model") != "gpt2":
         raise UserError(f"GGUF tokenizer {meta('tokenizer.ggml.model')!r} is not supported (only byte-level BPE 'gpt2')")
-    tokens, types, merges = meta("tokenizer.ggml.tokens"), meta("tokenizer.ggml.token_type"), meta("tokenizer.ggml.merges")
+    spec = dict(tokens=meta("tokenizer.ggml.tokens"), types=meta("tokenizer.ggml.token_type"),
+                merges=meta("tokenizer.ggml.merges"), bos=meta("tokenizer.ggml.bos_token_id", 1),
+                eos=meta("tokenizer.ggml.eos_token_id", 2), unk=meta("tokenizer.ggml.unknown_token_id", 0))
+    return bpe_tokenizer(json.dumps(spec).encode())
+
+
+def bpe_tokenizer(blob):
+    """Byte-level BPE (GGUF metadata, as JSON) as a tiktoken Encoding. tiktoken merges the adjacent pair whose
+    result has the lowest rank; ranking each token by the position of the merge that makes it (bytes first)
+    reproduces BPE's lowest-merge-first rule. Ranks are then renumbered to the model's ids."""
+    import tiktoken
+    spec = json.loads(blob)
+    tokens, types, merges = spec["tokens"], spec["types"], spec["merges"]
     dec = gpt2_byte_decoder()
     special = {i for i, ty in enumerate(types) if ty in (3, 4)}        # control / user-defined
     token_bytes = [t.encode() if i in special else bytes(dec[c] for c in t) for i, t in enumerate(tokens)]
     id_of = {b: i for i, b in enumerate(token_bytes) if i not in special}
-    unk = meta("tokenizer.ggml.unknown_token_id", 0)
     ranked = [bytes([b]) for b in range(256)]                   # every byte (a few unused ones map to unk)
     ranked += [token_bytes[id_of[bytes(dec[c] for c in a + b)]] for a, b in (m.split(" ") for m in merges)]
     ranks = {}
     for bts in ranked:
         ranks.setdefault(bts, len(ranks))
-    id_of_rank = [id_of.get(bts, unk) for bts in ranks]
+    id_of_rank = [id_of.get(bts, spec["unk"]) for bts in ranks]
     enc = tiktoken.Encoding(name="gguf-bpe", pat_str=SMOLLM_PATTERN, mergeable_ranks=ranks, special_tokens={})
-    return TiktokenTokenizer(enc, meta("tokenizer.ggml.bos_token_id", 1), meta("tokenizer.ggml.eos_token_id", 2),
-                             len(tokens), id_of_rank=id_of_rank, token_bytes=token_bytes)
+    return TiktokenTokenizer(enc, spec["bos"], spec["eos"], len(tokens), id_of_rank=id_of_rank,
+                             token_bytes=token_bytes, kind="bpe", blob=blob)
+
+
+def tokenizer_from_blob(kind, blob):
+    return {"sentencepiece": SentencePieceTokenizer, "tiktoken": llama3_tokenizer, "bpe": bpe_tokenizer}[kind](blob)
 
 
 def load_tokenizer(path):
@@ -353,17 +368,17 @@ def load_tokenizer(path):
     if not os.path.isfile(path):
         raise UserError(f"tokenizer file not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(256)
-    first = head.split(b"\n", 1)[0]
+        blob = f.read()
+    first = blob[:256].split(b"\n", 1)[0]
     try:
         b64, rank = first.split(b" ")
         base64.b64decode(b64, validate=True)
         int(rank)
-        return llama3_tokenizer(path)
+        return llama3_tokenizer(blob)
     except ValueError:
         pass
     try:
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(blob)
     except Exception:
         raise UserError(f"{path}: not a SentencePiece model nor a tiktoken ranks file") from None
 
@@ -600,8 +615,49 @@ def load(ckpt):
     raise UserError(f"{path}: unknown checkpoint format (expected a directory, .gguf or .safetensors)")
 
 
+def read_quantized_header(path):
+    """The JSON header calibrate.py writes into the safetensors metadata (config, settings, tokenizer kind)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise UserError(f"cannot read {path}: truncated or not safetensors ({str(e)[:120]})") from None
+    if "butterflyquant" not in meta:
+        raise UserError(f"{path}: not a ButterflyQuant file (no 'butterflyquant' header); HF checkpoints are directories")
+    return json.loads(meta["butterflyquant"])
+
+
+def quantized_model(header, linear_dtype=torch.float32):
+    """Empty model with QuantLinear in every block linear and OnlineTransform in every used transform slot."""
+    from kernels import OnlineTransform, QuantLinear
+    args = ModelArgs.from_dict(header["config"])
+    q = header["quant"]
+    model = Transformer(args, linear=lambda i, o: QuantLinear(i, o, q["bits"], q["group"]))
+    for name, t in header["transforms"].items():    # e.g. layers.3.attention.rot_qkv
+        parent, slot = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), slot, OnlineTransform(t["n"], t.get("K", 1), t.get("m"), t["dense"]))
+    return model
+
+
 def load_quantized(path):
-    raise UserError(f"{path}: loading calibrated files needs calibrate.py's format (not written yet)")
+    """A calibrate.py file: packed integer linears, transforms, fp tensors, tokenizer, config."""
+    from safetensors.torch import load_file
+    import kernels
+    header = read_quantized_header(path)
+    model = quantized_model(header)
+    sd = load_file(path)
+    tok = tokenizer_from_blob(header["tokenizer"], sd.pop("tokenizer.blob").numpy().tobytes())
+    for name, t in header["transforms"].items():   # fixed baselines are stored as (kind, seed), rebuilt here
+        if t["dense"]:
+            sd[name + ".M"] = kernels.fixed_matrix(t["n"], t["kind"], t["seed"])
+    if model.args.tie_embeddings:
+        sd.pop("output.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (model.args.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise UserError(f"{path}: tensors do not match its header: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval(), tok
 
 
 # -----------------------------------------------------------------------------
