@@ -129,6 +129,8 @@ def calibration_samples(a, model, tok):
     if path is None:
         return data_free_samples(a, model, tok, g)
     ids = evaluation.tokenize_corpus(tok, path)
+    if ids.numel() and ids.max() >= model.args.vocab_size:
+        raise UserError(f"the tokenizer produces id {int(ids.max())}, beyond the model's vocabulary ({model.args.vocab_size})")
     if ids.numel() <= a.seqlen:
         raise UserError(f"{path}: {ids.numel()} tokens, fewer than one sample of --seqlen {a.seqlen}")
     starts = torch.randint(0, ids.numel() - a.seqlen, (a.nsamples,), generator=g)

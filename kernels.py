@@ -25,11 +25,11 @@ try:
 except ImportError:     # the references still run
     HAVE_TRITON = False
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_triton(x):
-    return HAVE_TRITON and (x.is_cuda or INTERPRET)
+    """Kernels on CUDA tensors. (Tests call the Triton entry points directly on CPU under TRITON_INTERPRET=1.)"""
+    return HAVE_TRITON and x.is_cuda
 
 
 # -----------------------------------------------------------------------------
@@ -73,13 +73,245 @@ def qmatmul_ref(x, words, scales, zeros, bits, group, out_features, in_features)
 
 
 # -----------------------------------------------------------------------------
-# dispatch
+# Triton: fused transform. One program per row: the row is read once, Q mixes its K segments (tl.dot), then all
+# log2(m) butterfly stages run in registers, and the row is written once. Q (x) B = (I (x) B)(Q (x) I).
+
+if HAVE_TRITON:
+    @triton.jit
+    def _stages(y, cos_ptr, sin_ptr, KP: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr,
+                TRANSPOSE: tl.constexpr):
+        """All butterfly stages on y (KP, M): stage i rotates pairs (j, j + 2^i) by theta[i, pair]."""
+        for t in tl.static_range(LOG_M):
+            i: tl.constexpr = (LOG_M - 1 - t) if TRANSPOSE else t
+            S: tl.constexpr = 1 << i
+            NB: tl.constexpr = M // (2 * S)
+            offs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]          # pair index (NB, S)
+            c = tl.load(cos_ptr + i * (M // 2) + offs)
+            s = tl.load(sin_ptr + i * (M // 2) + offs)
+            if TRANSPOSE:
+                s = -s
+            v = tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2))              # (KP, NB, S, 2)
+            a, b = tl.split(v)
+            a2 = c[None] * a - s[None] * b
+            b2 = s[None] * a + c[None] * b
+            y = tl.reshape(tl.permute(tl.join(a2, b2), (0, 1, 3, 2)), (KP, M))
+        return y
+
+    @triton.jit
+    def _transform_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj,
+                          K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr,
+                          HAS_Q: tl.constexpr, TRANSPOSE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        seg = tl.arange(0, KP)
+        offs = seg[:, None] * M + tl.arange(0, M)[None, :]                           # (KP, M)
+        mask = seg[:, None] < K
+        x = tl.load(x_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
+        qmask = (seg[:, None] < K) & (seg[None, :] < K)
+        if HAS_Q and not TRANSPOSE:     # y = B (Q x): mix the segments, then the stages
+            q = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj, mask=qmask, other=0.0)
+            x = tl.dot(q, x, input_precision="ieee")
+        x = _stages(x, cos_ptr, sin_ptr, KP, M, LOG_M, TRANSPOSE)
+        if HAS_Q and TRANSPOSE:         # y = Q^T (B^T x)
+            q = tl.load(q_ptr + seg[None, :] * stride_qi + seg[:, None] * stride_qj, mask=qmask, other=0.0)
+            x = tl.dot(q, x, input_precision="ieee")
+        tl.store(y_ptr + row * K * M + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _transform_bwd_kernel(y_ptr, g_ptr, gx_ptr, gu_ptr, dtheta_ptr, cos_ptr, sin_ptr, q_ptr,
+                              stride_qi, stride_qj, K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr,
+                              LOG_M: tl.constexpr, HAS_Q: tl.constexpr):
+        """Backward of y = B (Q x) from the output alone: walking the stages backwards, a stage's input is
+        S^T of its output, and d out / d theta for a pair (a', b') is (-b', a'), so
+        dtheta = sum over rows of (b_grad * a' - a_grad * b'). Writes dx, the gradient at Q's output (for dQ),
+        and adds dtheta atomically."""
+        row = tl.program_id(0).to(tl.int64)
+        seg = tl.arange(0, KP)
+        offs = seg[:, None] * M + tl.arange(0, M)[None, :]
+        mask = seg[:, None] < K
+        y = tl.load(y_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
+        for t in tl.static_range(LOG_M):
+            i: tl.constexpr = LOG_M - 1 - t
+            S: tl.constexpr = 1 << i
+            NB: tl.constexpr = M // (2 * S)
+            poffs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]
+            c = tl.load(cos_ptr + i * (M // 2) + poffs)
+            s = tl.load(sin_ptr + i * (M // 2) + poffs)
+            ya, yb = tl.split(tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2)))
+            ga, gb = tl.split(tl.permute(tl.reshape(g, (KP, NB, 2, S)), (0, 1, 3, 2)))
+            tl.atomic_add(dtheta_ptr + i * (M // 2) + poffs, tl.sum(gb * ya - ga * yb, axis=0))
+            # S^T: [[c, s], [-s, c]] on both the output and its gradient
+            y = tl.reshape(tl.permute(tl.join(c[None] * ya + s[None] * yb, c[None] * yb - s[None] * ya),
+                                      (0, 1, 3, 2)), (KP, M))
+            g = tl.reshape(tl.permute(tl.join(c[None] * ga + s[None] * gb, c[None] * gb - s[None] * ga),
+                                      (0, 1, 3, 2)), (KP, M))
+        if HAS_Q:
+            tl.store(gu_ptr + row * K * M + offs, g, mask=mask)
+            qmask = (seg[:, None] < K) & (seg[None, :] < K)
+            qt = tl.load(q_ptr + seg[None, :] * stride_qi + seg[:, None] * stride_qj, mask=qmask, other=0.0)
+            g = tl.dot(qt, g, input_precision="ieee")
+        tl.store(gx_ptr + row * K * M + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _kp(K):
+    return 1 if K == 1 else max(16, triton.next_power_of_2(K))
+
+
+def _launch_transform(x, cos, sin, Q, transpose):
+    n = x.shape[-1]
+    K = 1 if Q is None else Q.shape[0]
+    m = n // K
+    xf = x.reshape(-1, n).contiguous()
+    y = torch.empty_like(xf)
+    q = Q.float().contiguous() if Q is not None else cos       # any pointer when there is no Q
+    if xf.shape[0]:
+        _transform_kernel[(xf.shape[0],)](xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
+                                          q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0,
+                                          K=K, KP=_kp(K), M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
+                                          TRANSPOSE=transpose, num_warps=4 if n <= 2048 else 8)
+    return y.view(x.shape)
+
+
+class _TransformFn(torch.autograd.Function):
+    """y = (Q (x) B(theta)) x with Triton forward and backward (d x, d theta, d Q)."""
+
+    @staticmethod
+    def forward(ctx, x, theta, Q):
+        cos, sin = theta.cos().float().contiguous(), theta.sin().float().contiguous()
+        y = _launch_transform(x, cos, sin, Q, False)
+        ctx.save_for_backward(x, y, theta, cos, sin, Q)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, y, theta, cos, sin, Q = ctx.saved_tensors
+        n = x.shape[-1]
+        K = 1 if Q is None else Q.shape[0]
+        m = n // K
+        yf, gf = y.reshape(-1, n).contiguous(), gy.reshape(-1, n).contiguous()
+        gx = torch.empty_like(yf)
+        gu = torch.empty(yf.shape, device=y.device, dtype=torch.float32) if Q is not None else gx
+        dtheta = torch.zeros(theta.shape, device=y.device, dtype=torch.float32)
+        q = Q.float().contiguous() if Q is not None else cos
+        _transform_bwd_kernel[(yf.shape[0],)](yf, gf, gx, gu, dtheta, cos, sin, q,
+                                              q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0,
+                                              K=K, KP=_kp(K), M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
+                                              num_warps=4 if n <= 2048 else 8)
+        dQ = None
+        if Q is not None:   # dQ_ij = sum over rows and positions of gu[i, t] x[j, t]
+            xs = x.reshape(-1, K, m).float()
+            dQ = torch.einsum("rit,rjt->ij", gu.view(-1, K, m), xs).to(Q.dtype)
+        return gx.view(x.shape), dtheta.to(theta.dtype), dQ
+
+
+def transform_triton(x, theta, Q=None):
+    """Differentiable fused T x on the last dim (fp32/fp16/bf16; computed in fp32)."""
+    return _TransformFn.apply(x, theta, Q)
+
+
+# -----------------------------------------------------------------------------
+# Triton: packed low-bit matmul  y = x @ (s * (q - z))^T.
+# A weight (row r, column k) sits at bit (r * IN + k) * BITS of the stream. ALIGNED (2/4/8 bits, rows a whole
+# number of words): a word holds 32/BITS consecutive values, unpacked with shifts. Otherwise (3 bits) each value
+# is read from the two words around its offset.
+
+if HAVE_TRITON:
+    @triton.jit
+    def _dequant_tile(w_ptr, s_ptr, z_ptr, rn, rk, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_K) tile of dequantized weights, fp32; rows rn (BLOCK_N,), columns rk (BLOCK_K,)."""
+        nmask = rn < OUT
+        kmask = rk < IN
+        if ALIGNED:
+            PER: tl.constexpr = 32 // BITS
+            word = rn[:, None].to(tl.int64) * (IN // PER) + (rk // PER)[None, :]
+            w = tl.load(w_ptr + word, mask=nmask[:, None] & kmask[None, :], other=0)
+            q = (w >> ((rk % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+        else:
+            bit = (rn[:, None].to(tl.int64) * IN + rk[None, :]) * BITS
+            wi = bit >> 5
+            m2 = nmask[:, None] & kmask[None, :]
+            lo = tl.load(w_ptr + wi, mask=m2, other=0).to(tl.int64) & 0xFFFFFFFF
+            hi = tl.load(w_ptr + wi + 1, mask=m2 & (wi + 1 < (OUT * IN * BITS + 31) // 32), other=0).to(tl.int64) & 0xFFFFFFFF
+            q = (((hi << 32) | lo) >> (bit & 31)) & ((1 << BITS) - 1)
+        gi = rn[:, None].to(tl.int64) * G + (rk // GROUP)[None, :]
+        gm = nmask[:, None] & kmask[None, :]
+        s = tl.load(s_ptr + gi, mask=gm, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + gi, mask=gm, other=0.0).to(tl.float32)
+        return s * (q.to(tl.float32) - z)
+
+    @triton.jit
+    def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * IN + rk[None, :],
+                        mask=(rm[:, None] < M) & (rk[None, :] < IN), other=0.0).to(tl.float32)
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, rk, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)   # fp32 inputs: "ieee"; 16-bit: tf32
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < OUT))
+
+    @triton.jit
+    def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Decode: one program per (row of x, BLOCK_N outputs); the weight tile is reduced against one row."""
+        row, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + row * IN + rk, mask=rk < IN, other=0.0).to(tl.float32)
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, rk, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(y_ptr + row * OUT + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < OUT)
+
+
+def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_features):
+    x = x.contiguous()
+    M = x.shape[0]
+    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
+    g = in_features if group == 0 else group
+    G = scales.shape[1]
+    aligned = 32 % bits == 0 and (in_features * bits) % 32 == 0
+    if M <= 16:
+        BN, BK = 64, 128
+        _qgemv_kernel[(M, triton.cdiv(out_features, BN))](x, words, scales, zeros, y, M, out_features, in_features, G,
+                                                          GROUP=g, BITS=bits, ALIGNED=aligned, BLOCK_N=BN, BLOCK_K=BK,
+                                                          num_warps=4)
+    else:
+        BM, BN, BK = (64, 64, 32) if M <= 64 else (128, 128, 32)
+        _qgemm_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN))](
+            x, words, scales, zeros, y, M, out_features, in_features, G, GROUP=g, BITS=bits, ALIGNED=aligned,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=4 if BM == 64 else 8, num_stages=3)
+    return y
+
+
+# -----------------------------------------------------------------------------
+# dispatch: the one place that picks Triton or the reference
+
+def _transform_supported(x, cos, Q):
+    K = 1 if Q is None else Q.shape[0]
+    m = x.shape[-1] // K
+    return use_triton(x) and (Q is None or (m >= 16 and K <= 128)) and m >= 2
+
 
 def butterfly(x, cos, sin, Q=None):
+    """T x for the online transform (inference; no gradient)."""
+    if _transform_supported(x, cos, Q):
+        return _launch_transform(x, cos.float().contiguous(), sin.float().contiguous(), Q, False)
     return transform_ref(x, cos, sin, Q)
 
 
 def qmatmul(x, words, scales, zeros, bits, group, out_features, in_features):
+    if use_triton(x):
+        return qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_features)
     return qmatmul_ref(x, words, scales, zeros, bits, group, out_features, in_features)
 
 
@@ -134,3 +366,108 @@ def fixed_matrix(n, kind, seed):
     """A fixed baseline transform, rebuilt from its kind and seed (files store these, not n x n matrices)."""
     M, _ = bq.fixed_rotation(n, kind, torch.Generator().manual_seed(seed))
     return M.float()
+
+
+# -----------------------------------------------------------------------------
+# benchmark:  python kernels.py --bench
+
+def _time(f, reps=20):
+    f()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            f()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps / 1e3
+    import time
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        f()
+    return (time.perf_counter() - t0) / reps
+
+
+def bench():
+    gpu = torch.cuda.is_available() and HAVE_TRITON
+    dev = "cuda" if gpu else "cpu"
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# kernels.py --bench on {name}, torch {torch.__version__}" + ("" if gpu else
+          "\n# no GPU: the Triton kernels need one; timing the PyTorch references only"))
+    dt = torch.float16 if gpu else torch.float32
+    if gpu:
+        big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
+        copy_bw = 2 * big.numel() / _time(lambda: big.clone())
+        print(f"device copy bandwidth (clone of 256 MiB): {copy_bw / 1e9:.0f} GB/s")
+    print("\n## fused transform T x (fp16 in/out)\n")
+    print("| n | rows | kernel ms | GB/s | % copy | dense n x n matmul ms | PyTorch reference ms |")
+    print("|---|---|---|---|---|---|---|")
+    for n in (4096, 11008):
+        T = bq.Transform(n, "random")
+        th = T.butterfly.theta.detach().to(dev)
+        Q = T.q().detach().to(dev) if T.K > 1 else None
+        c, s = th.cos(), th.sin()
+        Md = torch.randn(n, n, device=dev, dtype=dt)
+        for rows in ((1, 64, 512, 4096, 8192) if gpu else (64, 512)):
+            x = torch.randn(rows, n, device=dev, dtype=dt)
+            tr = _time(lambda: transform_ref(x, c, s, Q), reps=5 if not gpu else 20)
+            td = _time(lambda: x @ Md.T, reps=5 if not gpu else 20)
+            if gpu:
+                tk = _time(lambda: butterfly(x, c, s, Q))
+                gbs = 2 * x.numel() * x.element_size() / tk
+                print(f"| {n} | {rows} | {tk * 1e3:.3f} | {gbs / 1e9:.0f} | {100 * gbs / copy_bw:.0f}% | {td * 1e3:.3f} | {tr * 1e3:.3f} |")
+            else:
+                print(f"| {n} | {rows} | - | - | - | {td * 1e3:.3f} | {tr * 1e3:.3f} |")
+    print("\n## packed matmul y = x @ dequant(Wq)^T vs fp16 torch.matmul (W2 and W4, g128)\n")
+    print("| out x in | rows | bits | kernel ms | fp16 matmul ms | speedup | packed GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        W = torch.randn(out_f, in_f)
+        for bits in (2, 4):
+            q, sc, z = bq.quantize(W, bq.QuantConfig(bits, 128, clip=False))
+            args = (bq.pack(q, bits).to(dev), sc.half().to(dev), z.half().to(dev), bits, 128, out_f, in_f)
+            Wh = W.to(dev, dt)
+            for rows in ((1, 16, 2048) if gpu else (1, 16)):
+                x = torch.randn(rows, in_f, device=dev, dtype=dt)
+                tf = _time(lambda: x @ Wh.T)
+                if gpu:
+                    tk = _time(lambda: qmatmul(x, *args))
+                    nbytes = args[0].numel() * 4 + args[1].numel() * 4 + x.numel() * 2 + rows * out_f * 2
+                    print(f"| {out_f}x{in_f} | {rows} | {bits} | {tk * 1e3:.3f} | {tf * 1e3:.3f} | {tf / tk:.2f}x | {nbytes / tk / 1e9:.0f} |")
+                else:
+                    tk = _time(lambda: qmatmul_ref(x, *args), reps=3)
+                    print(f"| {out_f}x{in_f} | {rows} | {bits} | ref {tk * 1e3:.1f} | {tf * 1e3:.3f} | {tf / tk:.2f}x | - |")
+    if gpu:
+        decode_bench(dev)
+
+
+def decode_bench(dev, ckpt="smollm2-135m", quantized=None, tokens=128):
+    """End-to-end greedy decode tokens/s: fp16 model vs a calibrated W2 file (if given or found in out/)."""
+    import glob
+    import llama
+    quantized = quantized or next(iter(sorted(glob.glob("out/*w2*.safetensors"))), None)
+    print("\n## end-to-end decode (greedy, batch 1, KV cache)\n")
+    for label, path in (("fp16", ckpt), ("W2 packed", quantized)):
+        if path is None:
+            print(f"{label}: no calibrated W2 file in out/ (run calibrate.py --bits 2 first)")
+            continue
+        model, tok = llama.load(path)
+        model.to(dev, torch.float16)
+        ids = tok.encode("The capital of France is")
+        model.generate(ids, 8, temperature=0)
+        torch.cuda.synchronize()
+        import time
+        t0 = time.perf_counter()
+        out = model.generate(ids, tokens, temperature=0)
+        torch.cuda.synchronize()
+        print(f"{label}: {len(out) / (time.perf_counter() - t0):.1f} tokens/s ({path})")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Benchmarks of the inference kernels.")
+    p.add_argument("--bench", action="store_true")
+    if p.parse_args().bench:
+        bench()
+    else:
+        p.print_help()
