@@ -78,23 +78,30 @@ def qmatmul_ref(x, words, scales, zeros, bits, group, out_features, in_features)
 
 if HAVE_TRITON:
     @triton.jit
+    def _stage(y, cos_ptr, sin_ptr, i: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, TRANSPOSE: tl.constexpr):
+        """Stage i on y (KP, M): rotate every pair (j, j + 2^i) by theta[i, pair] (by -theta if TRANSPOSE)."""
+        S: tl.constexpr = 1 << i
+        NB: tl.constexpr = M // (2 * S)
+        offs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]          # pair index (NB, S)
+        c = tl.load(cos_ptr + i * (M // 2) + offs)
+        s = tl.load(sin_ptr + i * (M // 2) + offs)
+        if TRANSPOSE:
+            s = -s
+        a, b = tl.split(tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2)))  # (KP, NB, S) each
+        a2 = c[None] * a - s[None] * b
+        b2 = s[None] * a + c[None] * b
+        return tl.reshape(tl.permute(tl.join(a2, b2), (0, 1, 3, 2)), (KP, M))
+
+    @triton.jit
     def _stages(y, cos_ptr, sin_ptr, KP: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr,
                 TRANSPOSE: tl.constexpr):
-        """All butterfly stages on y (KP, M): stage i rotates pairs (j, j + 2^i) by theta[i, pair]."""
-        for t in tl.static_range(LOG_M):
-            i: tl.constexpr = (LOG_M - 1 - t) if TRANSPOSE else t
-            S: tl.constexpr = 1 << i
-            NB: tl.constexpr = M // (2 * S)
-            offs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]          # pair index (NB, S)
-            c = tl.load(cos_ptr + i * (M // 2) + offs)
-            s = tl.load(sin_ptr + i * (M // 2) + offs)
-            if TRANSPOSE:
-                s = -s
-            v = tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2))              # (KP, NB, S, 2)
-            a, b = tl.split(v)
-            a2 = c[None] * a - s[None] * b
-            b2 = s[None] * a + c[None] * b
-            y = tl.reshape(tl.permute(tl.join(a2, b2), (0, 1, 3, 2)), (KP, M))
+        """All butterfly stages: B y = S_{L-1} ... S_0 y, or B^T y = S_0^T ... S_{L-1}^T y."""
+        if TRANSPOSE:
+            for i in tl.static_range(LOG_M - 1, -1, -1):
+                y = _stage(y, cos_ptr, sin_ptr, i, KP, M, True)
+        else:
+            for i in tl.static_range(LOG_M):
+                y = _stage(y, cos_ptr, sin_ptr, i, KP, M, False)
         return y
 
     @triton.jit
@@ -117,6 +124,23 @@ if HAVE_TRITON:
         tl.store(y_ptr + row * K * M + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _stage_bwd(y, g, dtheta_ptr, cos_ptr, sin_ptr, i: tl.constexpr, KP: tl.constexpr, M: tl.constexpr):
+        """Stage i backwards: dtheta += sum(g_b a' - g_a b'), then S^T = [[c, s], [-s, c]] on output and grad."""
+        S: tl.constexpr = 1 << i
+        NB: tl.constexpr = M // (2 * S)
+        poffs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]
+        c = tl.load(cos_ptr + i * (M // 2) + poffs)
+        s = tl.load(sin_ptr + i * (M // 2) + poffs)
+        ya, yb = tl.split(tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2)))
+        ga, gb = tl.split(tl.permute(tl.reshape(g, (KP, NB, 2, S)), (0, 1, 3, 2)))
+        tl.atomic_add(dtheta_ptr + i * (M // 2) + poffs, tl.sum(gb * ya - ga * yb, axis=0))
+        y = tl.reshape(tl.permute(tl.join(c[None] * ya + s[None] * yb, c[None] * yb - s[None] * ya),
+                                  (0, 1, 3, 2)), (KP, M))
+        g = tl.reshape(tl.permute(tl.join(c[None] * ga + s[None] * gb, c[None] * gb - s[None] * ga),
+                                  (0, 1, 3, 2)), (KP, M))
+        return y, g
+
+    @triton.jit
     def _transform_bwd_kernel(y_ptr, g_ptr, gx_ptr, gu_ptr, dtheta_ptr, cos_ptr, sin_ptr, q_ptr,
                               stride_qi, stride_qj, K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr,
                               LOG_M: tl.constexpr, HAS_Q: tl.constexpr):
@@ -130,21 +154,8 @@ if HAVE_TRITON:
         mask = seg[:, None] < K
         y = tl.load(y_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
-        for t in tl.static_range(LOG_M):
-            i: tl.constexpr = LOG_M - 1 - t
-            S: tl.constexpr = 1 << i
-            NB: tl.constexpr = M // (2 * S)
-            poffs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]
-            c = tl.load(cos_ptr + i * (M // 2) + poffs)
-            s = tl.load(sin_ptr + i * (M // 2) + poffs)
-            ya, yb = tl.split(tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2)))
-            ga, gb = tl.split(tl.permute(tl.reshape(g, (KP, NB, 2, S)), (0, 1, 3, 2)))
-            tl.atomic_add(dtheta_ptr + i * (M // 2) + poffs, tl.sum(gb * ya - ga * yb, axis=0))
-            # S^T: [[c, s], [-s, c]] on both the output and its gradient
-            y = tl.reshape(tl.permute(tl.join(c[None] * ya + s[None] * yb, c[None] * yb - s[None] * ya),
-                                      (0, 1, 3, 2)), (KP, M))
-            g = tl.reshape(tl.permute(tl.join(c[None] * ga + s[None] * gb, c[None] * gb - s[None] * ga),
-                                      (0, 1, 3, 2)), (KP, M))
+        for i in tl.static_range(LOG_M - 1, -1, -1):
+            y, g = _stage_bwd(y, g, dtheta_ptr, cos_ptr, sin_ptr, i, KP, M)
         if HAS_Q:
             tl.store(gu_ptr + row * K * M + offs, g, mask=mask)
             qmask = (seg[:, None] < K) & (seg[None, :] < K)
