@@ -32,7 +32,7 @@ from kernels import OnlineTransform, QuantLinear, fixed_matrix
 from llama import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+SHARED_DATA = os.path.join(os.environ.get("BQ_SHARED", os.path.join(HERE, "..", "shared")), "data")
 
 # (transform slot, the linears that read its output)
 SITES = [("attention.rot_qkv", ("attention.wq", "attention.wk", "attention.wv")),
@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_limit", type=int, default=None,
                    help="first N windows only (default: all on a GPU, 16 on CPU where all 148 take ~13 min per model)")
     p.add_argument("--no_eval", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="run the README's results grid (resumable, out/sweep.jsonl)")
+    p.add_argument("--sweep_only", default=None, help="comma-separated substrings of sweep rows to run, e.g. w2g64")
     a = p.parse_args(argv)
     if a.group == -1:
         a.group = 0
@@ -481,7 +483,66 @@ def calibrate(a):
     return results
 
 
+# -----------------------------------------------------------------------------
+# the results table:  python calibrate.py --sweep   (resumable: finished rows are kept in out/sweep.jsonl)
+
+SWEEP_QUANT = [(2, 128), (2, 64), (3, 128), (4, 128)]
+SWEEP_ROT = [("none", []), ("hadamard", []), ("random", []), ("butterfly", ["--init", "identity"]),
+             ("butterfly", ["--init", "hadamard"]), ("butterfly", ["--init", "best"]),
+             ("butterfly", ["--init", "best", "--lambda_unif", "0.1"])]
+
+
+def sweep(argv):
+    """Every (bits, group) x {RTN, GPTQ} x rotation through the same code path; ppl on every eval file."""
+    a = parse_args(argv)
+    only = [t for t in (a.sweep_only or "").split(",") if t]
+    path = os.path.join("out", "sweep.jsonl")
+    os.makedirs("out", exist_ok=True)
+    done = {}
+    if os.path.isfile(path):
+        for line in open(path):
+            r = json.loads(line)
+            done[r["tag"]] = r
+    eval_files = a.eval_data if a.eval_data is not None else [os.path.join(SHARED_DATA, f) for f in
+                                                              ("wikitext2_test.txt", "c4_eval.jsonl")]
+    rows = [("fp", None, None, [])] + [(f"w{b}g{g}-{q}-{rot}{'-' + '-'.join(x[1::2]) if x else ''}", (b, g), q, [
+        "--bits", str(b), "--group", str(g), "--" + q, "--rotation", rot, *x]) for b, g in SWEEP_QUANT
+        for q in ("rtn", "gptq") for rot, x in SWEEP_ROT]
+    fp_model = None
+    for tag, bg, q, extra in rows:
+        if tag in done or (only and tag != "fp" and not any(o in tag for o in only)):
+            continue
+        if tag == "fp":
+            model, tok = llama.load(a.ckpt)
+            secs, bpw = 0.0, 16.0
+        else:
+            out = os.path.join("out", f"sweep-{tag}.safetensors")
+            keep = [x for x in argv if x != "--sweep"]
+            res = main(keep + extra + ["--out", out, "--no_eval"])
+            model, tok = llama.load(out)
+            secs, bpw = res["calibration_seconds"], res["bits_per_weight"]
+        model.to(a.device)
+        r = dict(tag=tag, bits_per_weight=bpw, calibration_seconds=secs, device=a.device,
+                 eval_limit=a.eval_limit)
+        for f in eval_files:
+            ids = evaluation.tokenize_corpus(tok, f)
+            r[os.path.basename(f)] = round(evaluation.perplexity(model, ids, a.seqlen, a.eval_limit), 3)
+        print(json.dumps(r), flush=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        done[tag] = r
+        del model
+    names = [os.path.basename(f) for f in eval_files]
+    print("\n| config | " + " | ".join(names) + " | bits/weight | calib s |\n|---|" + "---|" * (len(names) + 2))
+    for tag, r in done.items():
+        print(f"| {tag} | " + " | ".join(str(r.get(n, "-")) for n in names) +
+              f" | {r['bits_per_weight']} | {r['calibration_seconds']} |")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sweep" in argv:
+        return sweep(argv)
     a = parse_args(argv)
     if not os.path.exists(a.ckpt) and a.ckpt not in llama.NAMED:
         llama.resolve_ckpt(a.ckpt)     # one clear line for an unknown name

@@ -105,14 +105,21 @@ if HAVE_TRITON:
         return y
 
     @triton.jit
-    def _transform_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj,
+    def _transform_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj, NROWS,
                           K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr,
                           HAS_Q: tl.constexpr, TRANSPOSE: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+        """Without Q (K = 1) a program takes KP consecutive rows (more work per program); with Q, one row whose
+        K segments (padded to KP) are the tile's rows."""
         seg = tl.arange(0, KP)
-        offs = seg[:, None] * M + tl.arange(0, M)[None, :]                           # (KP, M)
-        mask = seg[:, None] < K
-        x = tl.load(x_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_Q:
+            row = tl.program_id(0).to(tl.int64)
+            mask = seg[:, None] < K
+            offs = row * K * M + seg[:, None] * M + tl.arange(0, M)[None, :]        # (KP, M)
+        else:
+            rows = tl.program_id(0).to(tl.int64) * KP + seg
+            mask = rows[:, None] < NROWS
+            offs = rows[:, None] * M + tl.arange(0, M)[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         qmask = (seg[:, None] < K) & (seg[None, :] < K)
         if HAS_Q and not TRANSPOSE:     # y = B (Q x): mix the segments, then the stages
             q = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj, mask=qmask, other=0.0)
@@ -121,7 +128,7 @@ if HAVE_TRITON:
         if HAS_Q and TRANSPOSE:         # y = Q^T (B^T x)
             q = tl.load(q_ptr + seg[None, :] * stride_qi + seg[:, None] * stride_qj, mask=qmask, other=0.0)
             x = tl.dot(q, x, input_precision="ieee")
-        tl.store(y_ptr + row * K * M + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _stage_bwd(y, g, dtheta_ptr, cos_ptr, sin_ptr, i: tl.constexpr, KP: tl.constexpr, M: tl.constexpr):
@@ -164,6 +171,9 @@ if HAVE_TRITON:
         tl.store(gx_ptr + row * K * M + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+ROWS_PER_PROGRAM = int(os.environ.get("BQ_BFLY_ROWS", "2"))   # pure butterflies: rows per program
+
+
 def _kp(K):
     return 1 if K == 1 else max(16, triton.next_power_of_2(K))
 
@@ -175,11 +185,14 @@ def _launch_transform(x, cos, sin, Q, transpose):
     xf = x.reshape(-1, n).contiguous()
     y = torch.empty_like(xf)
     q = Q.float().contiguous() if Q is not None else cos       # any pointer when there is no Q
-    if xf.shape[0]:
-        _transform_kernel[(xf.shape[0],)](xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
-                                          q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0,
-                                          K=K, KP=_kp(K), M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
-                                          TRANSPOSE=transpose, num_warps=4 if n <= 2048 else 8)
+    R = xf.shape[0]
+    kp = _kp(K) if Q is not None else ROWS_PER_PROGRAM
+    if R:
+        grid = (R if Q is not None else triton.cdiv(R, kp),)
+        _transform_kernel[grid](xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
+                                q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0, R,
+                                K=K, KP=kp, M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
+                                TRANSPOSE=transpose, num_warps=4 if n * kp <= 4096 else 8)
     return y.view(x.shape)
 
 
@@ -228,33 +241,43 @@ def transform_triton(x, theta, Q=None):
 
 if HAVE_TRITON:
     @triton.jit
-    def _dequant_tile(w_ptr, s_ptr, z_ptr, rn, rk, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
+    def _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
                       ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_N, BLOCK_K) tile of dequantized weights, fp32; rows rn (BLOCK_N,), columns rk (BLOCK_K,)."""
+        """(BLOCK_N, BLOCK_K) tile of dequantized weights (fp32): rows rn, columns k0 .. k0 + BLOCK_K."""
+        rk = k0 + tl.arange(0, BLOCK_K)
         nmask = rn < OUT
         kmask = rk < IN
-        if ALIGNED:
+        if ALIGNED:     # load each word once, expand it to its 32/BITS values
             PER: tl.constexpr = 32 // BITS
-            word = rn[:, None].to(tl.int64) * (IN // PER) + (rk // PER)[None, :]
-            w = tl.load(w_ptr + word, mask=nmask[:, None] & kmask[None, :], other=0)
-            q = (w >> ((rk % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
-        else:
+            rkw = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * (IN // PER) + rkw[None, :],
+                        mask=nmask[:, None] & (rkw[None, :] < IN // PER), other=0)
+            shifts = tl.arange(0, PER) * BITS
+            q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
+        else:           # read each value from the two words around its bit offset
             bit = (rn[:, None].to(tl.int64) * IN + rk[None, :]) * BITS
             wi = bit >> 5
             m2 = nmask[:, None] & kmask[None, :]
             lo = tl.load(w_ptr + wi, mask=m2, other=0).to(tl.int64) & 0xFFFFFFFF
             hi = tl.load(w_ptr + wi + 1, mask=m2 & (wi + 1 < (OUT * IN * BITS + 31) // 32), other=0).to(tl.int64) & 0xFFFFFFFF
             q = (((hi << 32) | lo) >> (bit & 31)) & ((1 << BITS) - 1)
-        gi = rn[:, None].to(tl.int64) * G + (rk // GROUP)[None, :]
-        gm = nmask[:, None] & kmask[None, :]
-        s = tl.load(s_ptr + gi, mask=gm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + gi, mask=gm, other=0.0).to(tl.float32)
+        if GROUP % BLOCK_K == 0:    # one scale and zero per row for the whole tile
+            gi = rn.to(tl.int64) * G + k0 // GROUP
+            s = tl.load(s_ptr + gi, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + gi, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        else:
+            gi = rn[:, None].to(tl.int64) * G + (rk // GROUP)[None, :]
+            gm = nmask[:, None] & kmask[None, :]
+            s = tl.load(s_ptr + gi, mask=gm, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + gi, mask=gm, other=0.0).to(tl.float32)
         return s * (q.to(tl.float32) - z)
 
     @triton.jit
-    def _qgemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PRECISION: tl.constexpr):
+    def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
+                        ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        """y tile (BLOCK_M, BLOCK_N) = x tile @ dequant(W tile)^T over IN. Decode (M <= 16) uses BLOCK_M = 16 and
+        narrow BLOCK_N so that many programs stream the packed weights; prefill uses large square tiles."""
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -263,24 +286,10 @@ if HAVE_TRITON:
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * IN + rk[None, :],
                         mask=(rm[:, None] < M) & (rk[None, :] < IN), other=0.0).to(tl.float32)
-            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, rk, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)   # fp32 inputs: "ieee"; 16-bit: tf32
         tl.store(y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < OUT))
-
-    @triton.jit
-    def _qgemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Decode: one program per (row of x, BLOCK_N outputs); the weight tile is reduced against one row."""
-        row, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, IN, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * IN + rk, mask=rk < IN, other=0.0).to(tl.float32)
-            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, rk, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
-            acc += tl.sum(w * x[None, :], axis=1)
-        tl.store(y_ptr + row * OUT + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < OUT)
 
 
 def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_features):
@@ -288,19 +297,17 @@ def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_featur
     M = x.shape[0]
     y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
     g = in_features if group == 0 else group
-    G = scales.shape[1]
     aligned = 32 % bits == 0 and (in_features * bits) % 32 == 0
     if M <= 16:
-        BN, BK = 64, 128
-        _qgemv_kernel[(M, triton.cdiv(out_features, BN))](x, words, scales, zeros, y, M, out_features, in_features, G,
-                                                          GROUP=g, BITS=bits, ALIGNED=aligned, BLOCK_N=BN, BLOCK_K=BK,
-                                                          num_warps=4)
+        BM, BN, BK, warps = 16, 32, 128, 4
+    elif M <= 64:
+        BM, BN, BK, warps = 64, 64, 64, 4
     else:
-        BM, BN, BK = (64, 64, 32) if M <= 64 else (128, 128, 32)
-        _qgemm_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN))](
-            x, words, scales, zeros, y, M, out_features, in_features, G, GROUP=g, BITS=bits, ALIGNED=aligned,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=4 if BM == 64 else 8, num_stages=3)
+        BM, BN, BK, warps = 128, 128, 64, 8
+    _qmatmul_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN))](
+        x, words, scales, zeros, y, M, out_features, in_features, scales.shape[1], GROUP=g, BITS=bits,
+        ALIGNED=aligned, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3)
     return y
 
 
