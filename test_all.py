@@ -596,8 +596,6 @@ def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monk
         calibrate.main(argv)
     assert not os.path.exists(out)
     assert sorted(os.listdir(out + ".partial")) == ["block_000.safetensors", "block_001.safetensors", "settings.json"]
-    calls.clear()
-    calls.extend([None] * -100)
     monkeypatch.setattr(calibrate, "quantize_site", real)
     calibrate.main(argv)
     from safetensors.torch import load_file
