@@ -368,7 +368,6 @@ def calibrate(a):
     if tok is None:
         raise UserError(f"{a.ckpt}: no tokenizer found beside the checkpoint")
     args = model.args
-    fp_ppl = {}
     eval_files = a.eval_data if a.eval_data is not None else (
         [os.path.join(SHARED_DATA, "wikitext2_test.txt")] if os.path.isdir(SHARED_DATA) else [])
     if not a.no_eval:
@@ -508,7 +507,6 @@ def sweep(argv):
     rows = [("fp", None, None, [])] + [(f"w{b}g{g}-{q}-{rot}{'-' + '-'.join(x[1::2]) if x else ''}", (b, g), q, [
         "--bits", str(b), "--group", str(g), "--" + q, "--rotation", rot, *x]) for b, g in SWEEP_QUANT
         for q in ("rtn", "gptq") for rot, x in SWEEP_ROT]
-    fp_model = None
     for tag, bg, q, extra in rows:
         if tag in done or (only and tag != "fp" and not any(o in tag for o in only)):
             continue

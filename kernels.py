@@ -9,9 +9,7 @@ per value in int32 words; fp16 scale and zero per (row, group of g input columns
     python kernels.py --bench         # GB/s, times vs dense matmul and fp16 GEMV (needs a GPU for the kernels)
 """
 import argparse
-import math
 import os
-import sys
 
 import torch
 import torch.nn as nn

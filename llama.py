@@ -24,9 +24,8 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
