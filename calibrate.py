@@ -210,13 +210,12 @@ def scored(W, H, M, a, base):
         return rel_loss(W, bq.dequantize(*qsz, a.group), M, H, base).item(), qsz
 
 
-def learn_butterfly(W, H, Xu, a, site_seed):
+def learn_butterfly(W, H, base, Xu, a, site_seed):
     """Minimise the layer loss over the transform's angles (and K x K factor) with the straight-through RTN
     quantizer. The STE gradient is noisy and RTN is not the final quantizer, so iterates are scored with the
     final one (GPTQ or clipped RTN) `--checkpoints` times and the best is kept, the start included: learning
     never ends worse than its start. Returns (Transform, start loss, best loss, best (q, scale, zero))."""
     n = W.shape[1]
-    base = ((W @ H) * W).sum()          # trace(W H W^T): the loss of quantizing everything to zero
     g = torch.Generator(device=W.device).manual_seed(site_seed)
 
     def make(init):
@@ -273,10 +272,10 @@ def quantize_site(block, slot, linears, st, a, site_seed):
     W = torch.cat(Ws)                          # (sum of outs, n): linears sharing an input share T
     n = W.shape[1]
     H = st["H"]
-    base = ((W @ H) * W).sum()
+    base = ((W @ H) * W).sum()          # trace(W H W^T): the loss of quantizing everything to zero
     entry, first = None, float("nan")
     if a.rotation == "butterfly":
-        T, first, after, (q, s, z) = learn_butterfly(W, H, st["sub"], a, site_seed)
+        T, first, after, (q, s, z) = learn_butterfly(W, H, base, st["sub"], a, site_seed)
         entry = dict(n=n, dense=False, K=T.K, m=T.m,
                      theta=T.butterfly.theta.detach().cpu(), Q=T.q().detach().cpu() if T.K > 1 else None)
     else:
