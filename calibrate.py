@@ -80,7 +80,8 @@ def parse_args(argv=None):
                    help="first N windows only (default: all on a GPU, 16 on CPU where all 148 take ~13 min per model)")
     p.add_argument("--no_eval", action="store_true")
     p.add_argument("--sweep", action="store_true", help="run the README's results grid (resumable, out/sweep.jsonl)")
-    p.add_argument("--sweep_only", default=None, help="comma-separated substrings of sweep rows to run, e.g. w2g64")
+    p.add_argument("--sweep_only", default=None,
+                   help="comma-separated sweep rows to run: full row names, or substrings such as w2g64")
     a = p.parse_args(argv)
     if a.group == -1:
         a.group = 0
@@ -490,6 +491,16 @@ SWEEP_ROT = [("none", []), ("hadamard", []), ("random", []), ("butterfly", ["--i
              ("butterfly", ["--init", "best", "--lambda_unif", "0.1"])]
 
 
+def sweep_rows(only=()):
+    """[(tag, extra calibrate.py flags)], the fp row first. `only`: full row names match themselves alone
+    (w2g64-rtn-butterfly-best is not w2g64-rtn-butterfly-best-0.1), any other string matches as a substring."""
+    rows = [("fp", None)] + [(f"w{b}g{g}-{q}-{rot}{'-' + '-'.join(x[1::2]) if x else ''}",
+                              ["--bits", str(b), "--group", str(g), "--" + q, "--rotation", rot, *x])
+                             for b, g in SWEEP_QUANT for q in ("rtn", "gptq") for rot, x in SWEEP_ROT]
+    tags = {t for t, _ in rows}
+    return [(t, x) for t, x in rows if not only or t == "fp" or any(o == t if o in tags else o in t for o in only)]
+
+
 def sweep(argv):
     """Every (bits, group) x {RTN, GPTQ} x rotation through the same code path; ppl on every eval file."""
     a = parse_args(argv)
@@ -503,11 +514,8 @@ def sweep(argv):
             done[r["tag"]] = r
     eval_files = a.eval_data if a.eval_data is not None else [os.path.join(SHARED_DATA, f) for f in
                                                               ("wikitext2_test.txt", "c4_eval.jsonl")]
-    rows = [("fp", None, None, [])] + [(f"w{b}g{g}-{q}-{rot}{'-' + '-'.join(x[1::2]) if x else ''}", (b, g), q, [
-        "--bits", str(b), "--group", str(g), "--" + q, "--rotation", rot, *x]) for b, g in SWEEP_QUANT
-        for q in ("rtn", "gptq") for rot, x in SWEEP_ROT]
-    for tag, bg, q, extra in rows:
-        if tag in done or (only and tag != "fp" and not any(o in tag for o in only)):
+    for tag, extra in sweep_rows(only):
+        if tag in done:
             continue
         if tag == "fp":
             model, tok = llama.load(a.ckpt)
@@ -519,7 +527,7 @@ def sweep(argv):
             model, tok = llama.load(out)
             secs, bpw = res["calibration_seconds"], res["bits_per_weight"]
         model.to(a.device)
-        r = dict(tag=tag, bits_per_weight=bpw, calibration_seconds=secs, device=a.device,
+        r = dict(tag=tag, bits_per_weight=bpw, calibration_seconds=secs, device=a.device, nsamples=a.nsamples,
                  eval_limit=a.eval_limit)
         for f in eval_files:
             ids = evaluation.tokenize_corpus(tok, f)

@@ -631,6 +631,17 @@ def test_calibrate_bad_input_fails_cleanly(tmp_path):
     assert not os.path.exists(out)
 
 
+def test_sweep_only_selects_full_row_names_exactly():
+    tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]
+    assert tags(["w2g64-rtn-butterfly-best"]) == ["fp", "w2g64-rtn-butterfly-best"]       # not its -0.1 sibling
+    assert tags(["w3g128-gptq-butterfly"]) == ["fp"] + [f"w3g128-gptq-butterfly-{x}" for x in
+                                                         ("identity", "hadamard", "best", "best-0.1")]
+    assert len(tags([])) == 1 + 4 * 2 * 7 and len(set(tags([]))) == len(tags([]))
+    flags = dict(calibrate.sweep_rows(["w4g128-rtn-butterfly-best-0.1"]))["w4g128-rtn-butterfly-best-0.1"]
+    a = calibrate.parse_args(flags)
+    assert (a.bits, a.group, a.gptq, a.rotation, a.init, a.lambda_unif) == (4, 128, False, "butterfly", "best", 0.1)
+
+
 # -----------------------------------------------------------------------------
 # kernels.py: Triton kernels against their PyTorch references (interpreter on CPU, real GPU when present)
 
