@@ -271,29 +271,40 @@ if HAVE_TRITON:
         return s * (q.to(tl.float32) - z)
 
     @triton.jit
-    def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
-                        ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
-        """y tile (BLOCK_M, BLOCK_N) = x tile @ dequant(W tile)^T over IN. Decode (M <= 16) uses BLOCK_M = 16 and
-        narrow BLOCK_N so that many programs stream the packed weights; prefill uses large square tiles."""
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, K_PER_SPLIT, GROUP: tl.constexpr,
+                        BITS: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+        """y tile (BLOCK_M, BLOCK_N) = x tile @ dequant(W tile)^T over columns [pid_k, pid_k + 1) * K_PER_SPLIT.
+        Decode (M <= 16): BLOCK_M = 16, narrow BLOCK_N, and split-K (SPLIT > 1 programs per tile, summed with
+        fp32 atomics into y) so that enough programs stream the packed weights; prefill: large tiles, SPLIT = 1."""
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, IN, BLOCK_K):
+        k_begin = pid_k * K_PER_SPLIT
+        for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):      # masks cover the ragged end
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * IN + rk[None, :],
                         mask=(rm[:, None] < M) & (rk[None, :] < IN), other=0.0).to(tl.float32)
             w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)   # fp32 inputs: "ieee"; 16-bit: tf32
-        tl.store(y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < OUT))
+        ptrs = y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :]
+        ymask = (rm[:, None] < M) & (rn[None, :] < OUT)
+        if SPLIT > 1:
+            tl.atomic_add(ptrs, acc, mask=ymask)        # y is fp32 and zeroed: the splits' partial sums
+        else:
+            tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+def _programs_wanted(device):
+    """Programs that keep every SM streaming: a few per SM (the interpreter pretends to be an H100)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return 4 * sms
 
 
 def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_features):
     x = x.contiguous()
     M = x.shape[0]
-    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
     g = in_features if group == 0 else group
     aligned = 32 % bits == 0 and (in_features * bits) % 32 == 0
     if M <= 16:
@@ -302,11 +313,20 @@ def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_featur
         BM, BN, BK, warps = 64, 64, 64, 4
     else:
         BM, BN, BK, warps = 128, 128, 64, 8
-    _qmatmul_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN))](
-        x, words, scales, zeros, y, M, out_features, in_features, scales.shape[1], GROUP=g, BITS=bits,
-        ALIGNED=aligned, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+    tiles = triton.cdiv(M, BM) * triton.cdiv(out_features, BN)
+    k_tiles = triton.cdiv(in_features, BK)
+    split = 1
+    if M <= 16:             # split K until the grid fills the device
+        split = max(1, min(k_tiles, triton.cdiv(_programs_wanted(x.device), tiles)))
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)     # no empty splits
+    y = (torch.zeros if split > 1 else torch.empty)(M, out_features, device=x.device,
+                                                    dtype=torch.float32 if split > 1 else x.dtype)
+    _qmatmul_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN), split)](
+        x, words, scales, zeros, y, M, out_features, in_features, scales.shape[1], per_split * BK, GROUP=g,
+        BITS=bits, ALIGNED=aligned, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3)
-    return y
+    return y.to(x.dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -696,3 +696,18 @@ def test_packed_matmul_kernel_matches_reference(bits, rows, out_f, in_f, group):
     assert rel(kernels.qmatmul_triton(x, *args), want) < 1e-5
     xb = x.to(torch.bfloat16)
     assert rel(kernels.qmatmul_triton(xb, *args), kernels.qmatmul_ref(xb.float(), *args)) < 1e-2
+
+
+@pytest.mark.parametrize("programs", [3, 8, 10 ** 6])
+def test_packed_gemv_split_k_sums_partials_exactly(programs, monkeypatch):
+    """Decode splits K over programs (fp32 atomics): splits of several tiles, a ragged last split, one tile each."""
+    monkeypatch.setattr(kernels, "_programs_wanted", lambda device: programs)
+    out_f, in_f, bits, group = 40, 1000, 3, 64         # 8 K-tiles of 128, the last one ragged
+    W = torch.randn(out_f, in_f)
+    q, s, z = bq.quantize(W, bq.QuantConfig(bits, group))
+    args = (bq.pack(q, bits).to(DEV), s.half().to(DEV), z.half().to(DEV), bits, group, out_f, in_f)
+    for rows in (1, 16):
+        x = torch.randn(rows, in_f, device=DEV)
+        assert rel(kernels.qmatmul_triton(x, *args), kernels.qmatmul_ref(x, *args)) < 1e-5
+        xh = x.half()
+        assert rel(kernels.qmatmul_triton(xh, *args).float(), kernels.qmatmul_ref(xh.float(), *args)) < 1e-2
