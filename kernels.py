@@ -9,6 +9,7 @@ per value in int32 words; fp16 scale and zero per (row, group of g input columns
     python kernels.py --bench         # GB/s, times vs dense matmul and fp16 GEMV (needs a GPU for the kernels)
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -296,8 +297,10 @@ if HAVE_TRITON:
             tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+@functools.lru_cache(maxsize=None)
 def _programs_wanted(device):
-    """Programs that keep every SM streaming: a few per SM (the interpreter pretends to be an H100)."""
+    """Programs that keep every SM streaming: a few per SM (the interpreter pretends to be an H100). Cached:
+    it runs on every decode matmul."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     return 4 * sms
 
