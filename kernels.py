@@ -106,9 +106,10 @@ if HAVE_TRITON:
     @triton.jit
     def _transform_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj, NROWS,
                           K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr,
-                          HAS_Q: tl.constexpr, TRANSPOSE: tl.constexpr):
+                          HAS_Q: tl.constexpr, TRANSPOSE: tl.constexpr, PRECISION: tl.constexpr):
         """Without Q (K = 1) a program takes KP consecutive rows (more work per program); with Q, one row whose
-        K segments (padded to KP) are the tile's rows."""
+        K segments (padded to KP) are the tile's rows. PRECISION of the Q mix: "ieee" for fp32 inputs, "tf32" for
+        16-bit ones (its 10-bit mantissa is finer than theirs)."""
         seg = tl.arange(0, KP)
         if HAS_Q:
             row = tl.program_id(0).to(tl.int64)
@@ -122,11 +123,11 @@ if HAVE_TRITON:
         qmask = (seg[:, None] < K) & (seg[None, :] < K)
         if HAS_Q and not TRANSPOSE:     # y = B (Q x): mix the segments, then the stages
             q = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj, mask=qmask, other=0.0)
-            x = tl.dot(q, x, input_precision="ieee")
+            x = tl.dot(q, x, input_precision=PRECISION)
         x = _stages(x, cos_ptr, sin_ptr, KP, M, LOG_M, TRANSPOSE)
         if HAS_Q and TRANSPOSE:         # y = Q^T (B^T x)
             q = tl.load(q_ptr + seg[None, :] * stride_qi + seg[:, None] * stride_qj, mask=qmask, other=0.0)
-            x = tl.dot(q, x, input_precision="ieee")
+            x = tl.dot(q, x, input_precision=PRECISION)
         tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -191,7 +192,8 @@ def _launch_transform(x, cos, sin, Q, transpose):
         _transform_kernel[grid](xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
                                 q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0, R,
                                 K=K, KP=kp, M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
-                                TRANSPOSE=transpose, num_warps=4 if n * kp <= 4096 else 8)
+                                TRANSPOSE=transpose, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                num_warps=4 if n * kp <= 4096 else 8)
     return y.view(x.shape)
 
 
@@ -274,10 +276,13 @@ if HAVE_TRITON:
     @triton.jit
     def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, K_PER_SPLIT, GROUP: tl.constexpr,
                         BITS: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         """y tile (BLOCK_M, BLOCK_N) = x tile @ dequant(W tile)^T over columns [pid_k, pid_k + 1) * K_PER_SPLIT.
         Decode (M <= 16): BLOCK_M = 16, narrow BLOCK_N, and split-K (SPLIT > 1 programs per tile, summed with
-        fp32 atomics into y) so that enough programs stream the packed weights; prefill: large tiles, SPLIT = 1."""
+        fp32 atomics into y) so that enough programs stream the packed weights; prefill: large tiles, SPLIT = 1.
+        DOT: "ieee" (fp32 x: exact fp32), "fp16" (fp16 x: the weight tile is rounded to fp16 and the dot runs on
+        the fp16 tensor cores, accumulating in fp32, as an fp16 matmul with an fp16 weight does), "tf32" (bf16 x,
+        upcast: the interpreter cannot run a bf16 tl.dot, triton-lang/triton#11584, and CI must run this path)."""
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -286,15 +291,71 @@ if HAVE_TRITON:
         for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):      # masks cover the ragged end
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * IN + rk[None, :],
-                        mask=(rm[:, None] < M) & (rk[None, :] < IN), other=0.0).to(tl.float32)
+                        mask=(rm[:, None] < M) & (rk[None, :] < IN), other=0.0)
             w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
-            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)   # fp32 inputs: "ieee"; 16-bit: tf32
+            if DOT == "fp16":
+                acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
+            else:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision=DOT)
         ptrs = y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :]
         ymask = (rm[:, None] < M) & (rn[None, :] < OUT)
         if SPLIT > 1:
             tl.atomic_add(ptrs, acc, mask=ymask)        # y is fp32 and zeroed: the splits' partial sums
         else:
             tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
+                        ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out (OUT, IN) = s * (q - z), one (BLOCK_N, BLOCK_K) tile per program."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        rk = k0 + tl.arange(0, BLOCK_K)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
+        tl.store(out_ptr + rn[:, None].to(tl.int64) * IN + rk[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=(rn[:, None] < OUT) & (rk[None, :] < IN))
+
+
+    @triton.jit
+    def _decode_fused_kernel(x_ptr, t_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj, w_ptr, s_ptr, z_ptr,
+                             y_ptr, M, OUT, IN, G, K: tl.constexpr, KP: tl.constexpr, SEG: tl.constexpr,
+                             LOG_SEG: tl.constexpr, HAS_Q: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                             ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             DOT: tl.constexpr):
+        """y (M, BLOCK_N tile) = (T x) @ dequant(W tile)^T for decode (M <= 16 rows), in one launch. T x is
+        needed whole by every program (the butterfly mixes all of a row), so each program transforms the few
+        rows itself into its own scratch rows t[pid] (fp32, stays in L2) and reads them back by K-tile: redundant
+        arithmetic traded for one launch instead of four (transform, zero fill, split-K GEMV, cast)."""
+        pid = tl.program_id(0)
+        seg = tl.arange(0, KP)
+        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]                  # (KP, SEG): row = K segments
+        smask = seg[:, None] < K
+        t_base = t_ptr + pid.to(tl.int64) * M * IN
+        for r in range(M):
+            v = tl.load(x_ptr + r * IN + offs, mask=smask, other=0.0).to(tl.float32)
+            if HAS_Q:
+                qm = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj,
+                             mask=(seg[:, None] < K) & (seg[None, :] < K), other=0.0)
+                v = tl.dot(qm, v, input_precision="ieee" if DOT == "ieee" else "tf32")
+            v = _stages(v, cos_ptr, sin_ptr, KP, SEG, LOG_SEG, False)
+            tl.store(t_base + r * IN + offs, v, mask=smask)
+        tl.debug_barrier()          # this program's scratch rows are written before any thread reads them
+        rm = tl.arange(0, 16)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(t_base + rm[:, None] * IN + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < IN),
+                         other=0.0)
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
+            if DOT == "fp16":       # as the unfused path: T x rounded to fp16, then the fp16 dot
+                acc += tl.dot(xt.to(tl.float16), tl.trans(w.to(tl.float16)))
+            elif DOT == "tf32":     # bf16 x: T x rounded to bf16 first, as the unfused path stores it
+                acc += tl.dot(xt.to(tl.bfloat16).to(tl.float32), tl.trans(w), input_precision="tf32")
+            else:
+                acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < OUT))
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,11 +366,34 @@ def _programs_wanted(device):
     return 4 * sms
 
 
+def _aligned(bits, in_features):
+    return 32 % bits == 0 and (in_features * bits) % 32 == 0
+
+
+def dequant_triton(words, scales, zeros, bits, group, out_features, in_features, dtype):
+    """The whole weight in `dtype`: one pass over the packed stream (for prefill, see qmatmul_triton)."""
+    out = torch.empty(out_features, in_features, device=words.device, dtype=dtype)
+    BN, BK = 32, 128
+    _dequant_kernel[(triton.cdiv(out_features, BN), triton.cdiv(in_features, BK))](
+        words, scales, zeros, out, out_features, in_features, scales.shape[1],
+        GROUP=in_features if group == 0 else group, BITS=bits, ALIGNED=_aligned(bits, in_features),
+        BLOCK_N=BN, BLOCK_K=BK, num_warps=4)
+    return out
+
+
+PREFILL_ROWS = int(os.environ.get("BQ_PREFILL_ROWS", "256"))    # from here on: dequantize, then cuBLAS
+
+
 def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_features):
+    """Three regimes. Decode (<= 16 rows): split-K GEMV, bound by reading the packed weights. Middle: the fused
+    dequant-GEMM. Prefill (>= PREFILL_ROWS rows): the fused kernel would dequantize every weight tile once per
+    block of rows, so dequantize once (one pass, ~out*in*2 bytes written) and let cuBLAS do the GEMM; the H100
+    table had the fused kernel 7x behind fp16 cuBLAS at 2048 rows."""
     x = x.contiguous()
     M = x.shape[0]
+    if M >= PREFILL_ROWS:
+        return x @ dequant_triton(words, scales, zeros, bits, group, out_features, in_features, x.dtype).T
     g = in_features if group == 0 else group
-    aligned = 32 % bits == 0 and (in_features * bits) % 32 == 0
     if M <= 16:
         BM, BN, BK, warps = 16, 32, 128, 4
     elif M <= 64:
@@ -327,9 +411,30 @@ def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_featur
                                                     dtype=torch.float32 if split > 1 else x.dtype)
     _qmatmul_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN), split)](
         x, words, scales, zeros, y, M, out_features, in_features, scales.shape[1], per_split * BK, GROUP=g,
-        BITS=bits, ALIGNED=aligned, SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3)
+        BITS=bits, ALIGNED=_aligned(bits, in_features), SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        DOT={torch.float16: "fp16", torch.bfloat16: "tf32"}.get(x.dtype, "ieee"), num_warps=warps, num_stages=3)
     return y.to(x.dtype)
+
+
+def qmatmul_transformed_triton(x, cos, sin, Q, words, scales, zeros, bits, group, out_features, in_features):
+    """y = (T x) @ dequant(Wq)^T for decode rows (M <= 16) with the transform fused in (see the kernel)."""
+    x = x.contiguous()
+    M, n = x.shape
+    K = 1 if Q is None else Q.shape[0]
+    m = n // K
+    BN, BK = 32, 128
+    grid = triton.cdiv(out_features, BN)
+    t = torch.empty(grid, M, n, device=x.device, dtype=torch.float32)      # per-program scratch
+    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
+    q = Q.float().contiguous() if Q is not None else cos
+    _decode_fused_kernel[(grid,)](
+        x, t, cos.float().contiguous(), sin.float().contiguous(), q, q.stride(0) if Q is not None else 0,
+        q.stride(1) if Q is not None else 0, words, scales, zeros, y, M, out_features, in_features, scales.shape[1],
+        K=K, KP=_kp(K), SEG=m, LOG_SEG=m.bit_length() - 1, HAS_Q=Q is not None,
+        GROUP=in_features if group == 0 else group, BITS=bits, ALIGNED=_aligned(bits, in_features), BLOCK_N=BN,
+        BLOCK_K=BK, DOT={torch.float16: "fp16", torch.bfloat16: "tf32"}.get(x.dtype, "ieee"),
+        num_warps=4 if n * _kp(K) <= 4096 else 8)
+    return y
 
 
 # -----------------------------------------------------------------------------
@@ -348,7 +453,20 @@ def butterfly(x, cos, sin, Q=None):
     return transform_ref(x, cos, sin, Q)
 
 
-def qmatmul(x, words, scales, zeros, bits, group, out_features, in_features):
+FUSE_ROWS = int(os.environ.get("BQ_FUSE_ROWS", "0"))     # decode rows up to which a fused-in transform runs
+# inside the GEMV kernel (at most 16). 0 (off) until a GPU run of `--bench` shows where it pays: it is exact
+# (tested under the interpreter) but has never been timed.
+
+
+def qmatmul(x, words, scales, zeros, bits, group, out_features, in_features, pre=None):
+    """y = (pre x) @ dequant(Wq)^T; pre: an OnlineTransform fused in front of this linear, or None."""
+    if pre is not None:
+        Q = pre.Q if pre.K > 1 else None
+        if not pre.dense and x.shape[0] <= min(FUSE_ROWS, 16) and _transform_supported(x, None, Q):
+            cos, sin = pre.cos_sin()
+            return qmatmul_transformed_triton(x, cos, sin, Q, words, scales, zeros, bits, group, out_features,
+                                              in_features)
+        x = pre(x)
     if use_triton(x):
         return qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_features)
     return qmatmul_ref(x, words, scales, zeros, bits, group, out_features, in_features)
@@ -358,7 +476,8 @@ def qmatmul(x, words, scales, zeros, bits, group, out_features, in_features):
 # modules that llama.py swaps in
 
 class QuantLinear(nn.Module):
-    """y = x @ (s * (q - z))^T from packed integers; the weight is never stored in floating point."""
+    """y = x @ (s * (q - z))^T from packed integers; the weight is never stored in floating point (prefill on a
+    GPU dequantizes a temporary copy, see qmatmul_triton)."""
 
     def __init__(self, in_features, out_features, bits, group):
         super().__init__()
@@ -367,10 +486,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(-(-out_features * in_features * bits // 32), dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float16))
         self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.float16))
+        self.pre = None     # an OnlineTransform moved in front of this linear by llama.fuse_transforms
 
     def forward(self, x):   # (..., in) -> (..., out)
         y = qmatmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bits, self.group,
-                    self.out_features, self.in_features)
+                    self.out_features, self.in_features, self.pre)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
@@ -392,10 +512,27 @@ class OnlineTransform(nn.Module):
             if K > 1:
                 self.register_buffer("Q", torch.zeros(K, K))
 
+        self._cs = None         # (theta._version, cos, sin): cos/sin once per set of angles, not per call
+
     def forward(self, x):
         if self.dense:
             return x @ self.M.T.to(x.dtype)
-        return butterfly(x, self.theta.cos(), self.theta.sin(), self.Q if self.K > 1 else None)
+        return butterfly(x, *self.cos_sin(), self.Q if self.K > 1 else None)
+
+    def cos_sin(self):
+        if self._cs is None or self._cs[0] != self.theta._version:     # load_state_dict copies in place
+            self._cs = (self.theta._version, self.theta.cos().contiguous(), self.theta.sin().contiguous())
+        return self._cs[1:]
+
+    def _apply(self, fn, recurse=True):
+        """model.half() or .to(bfloat16) moves the angles and Q but keeps them fp32: rounded angles would make T
+        differ from the T the weights were quantized with (the kernels compute in fp32 anyway)."""
+        keep = {k: b for k, b in self._buffers.items() if k in ("theta", "Q")}
+        super()._apply(fn, recurse)
+        for k, b in keep.items():
+            self._buffers[k] = b.to(self._buffers[k].device)
+        self._cs = None
+        return self
 
     def extra_repr(self):
         return f"n={self.n}, " + ("dense" if self.dense else f"K={self.K}")
@@ -411,6 +548,8 @@ def fixed_matrix(n, kind, seed):
 # benchmark:  python kernels.py --bench
 
 def _time(f, reps=20):
+    """Eager seconds per call of f: on a GPU this includes Python and launch overhead, which at small sizes is
+    all there is to measure (the H100 table of session 1 was flat at ~0.05-0.08 ms from 1 to 4096 rows)."""
     f()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -428,66 +567,108 @@ def _time(f, reps=20):
     return (time.perf_counter() - t0) / reps
 
 
+def _time_graph(f, calls=20, replays=5):
+    """GPU seconds per call of f alone: `calls` calls captured in one CUDA graph and replayed, so the host-side
+    overhead drops out. This is the number the bandwidth figures use."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):       # warm-up off the capture: compiles the kernels, settles the allocator
+        f(), f()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            f()
+    return _time(g.replay, replays) / calls
+
+
 def bench():
     gpu = torch.cuda.is_available() and HAVE_TRITON
     dev = "cuda" if gpu else "cpu"
     name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# kernels.py --bench on {name}, torch {torch.__version__}" + ("" if gpu else
           "\n# no GPU: the Triton kernels need one; timing the PyTorch references only"))
+    print("# kernel / graph: GPU time from a CUDA graph replay; eager: one Python call, launch overhead included")
     dt = torch.float16 if gpu else torch.float32
     if gpu:
         big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
-        copy_bw = 2 * big.numel() / _time(lambda: big.clone())
+        copy_bw = 2 * big.numel() / _time_graph(lambda: big.clone(), calls=5)
         print(f"device copy bandwidth (clone of 256 MiB): {copy_bw / 1e9:.0f} GB/s")
-    print("\n## fused transform T x (fp16 in/out)\n")
-    print("| n | rows | kernel ms | GB/s | % copy | dense n x n matmul ms | PyTorch reference ms |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n## fused transform T x ({'fp16' if gpu else 'fp32'} in/out)\n")
+    print("| n | rows | kernel ms | GB/s | % copy | eager ms | dense n x n matmul ms (graph) | PyTorch reference ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in (4096, 11008):
         T = bq.Transform(n, "random")
         th = T.butterfly.theta.detach().to(dev)
         Q = T.q().detach().to(dev) if T.K > 1 else None
         c, s = th.cos(), th.sin()
         Md = torch.randn(n, n, device=dev, dtype=dt)
-        for rows in ((1, 64, 512, 4096, 8192) if gpu else (64, 512)):
+        for rows in ((1, 16, 64, 512, 4096, 8192) if gpu else (64, 512)):
             x = torch.randn(rows, n, device=dev, dtype=dt)
             tr = _time(lambda: transform_ref(x, c, s, Q), reps=5 if not gpu else 20)
-            td = _time(lambda: x @ Md.T, reps=5 if not gpu else 20)
             if gpu:
-                tk = _time(lambda: butterfly(x, c, s, Q))
+                td = _time_graph(lambda: x @ Md.T)
+                tk, te = _time_graph(lambda: butterfly(x, c, s, Q)), _time(lambda: butterfly(x, c, s, Q))
                 gbs = 2 * x.numel() * x.element_size() / tk
-                print(f"| {n} | {rows} | {tk * 1e3:.3f} | {gbs / 1e9:.0f} | {100 * gbs / copy_bw:.0f}% | {td * 1e3:.3f} | {tr * 1e3:.3f} |")
+                print(f"| {n} | {rows} | {tk * 1e3:.4f} | {gbs / 1e9:.0f} | {100 * gbs / copy_bw:.0f}% | "
+                      f"{te * 1e3:.4f} | {td * 1e3:.4f} | {tr * 1e3:.3f} |")
             else:
-                print(f"| {n} | {rows} | - | - | - | {td * 1e3:.3f} | {tr * 1e3:.3f} |")
-    print("\n## packed matmul y = x @ dequant(Wq)^T vs fp16 torch.matmul (W2 and W4, g128)\n")
-    print("| out x in | rows | bits | kernel ms | fp16 matmul ms | speedup | packed GB/s |")
-    print("|---|---|---|---|---|---|---|")
+                td = _time(lambda: x @ Md.T, reps=5)
+                print(f"| {n} | {rows} | - | - | - | - | {td * 1e3:.3f} (eager) | {tr * 1e3:.3f} |")
+    print(f"\n## packed matmul y = x @ dequant(Wq)^T vs {'fp16' if gpu else 'fp32'} torch.matmul (W2 and W4, g128)\n")
+    print("| out x in | rows | bits | kernel ms | eager ms | fp16 matmul ms (graph) | speedup (graph) | packed GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):
         W = torch.randn(out_f, in_f)
         for bits in (2, 4):
             q, sc, z = bq.quantize(W, bq.QuantConfig(bits, 128, clip=False))
             args = (bq.pack(q, bits).to(dev), sc.half().to(dev), z.half().to(dev), bits, 128, out_f, in_f)
             Wh = W.to(dev, dt)
-            for rows in ((1, 16, 2048) if gpu else (1, 16)):
+            for rows in ((1, 16, 64, 2048) if gpu else (1, 16)):
                 x = torch.randn(rows, in_f, device=dev, dtype=dt)
-                tf = _time(lambda: x @ Wh.T)
                 if gpu:
-                    tk = _time(lambda: qmatmul(x, *args))
+                    tf = _time_graph(lambda: x @ Wh.T)
+                    tk, te = _time_graph(lambda: qmatmul(x, *args)), _time(lambda: qmatmul(x, *args))
                     nbytes = args[0].numel() * 4 + args[1].numel() * 4 + x.numel() * 2 + rows * out_f * 2
-                    print(f"| {out_f}x{in_f} | {rows} | {bits} | {tk * 1e3:.3f} | {tf * 1e3:.3f} | {tf / tk:.2f}x | {nbytes / tk / 1e9:.0f} |")
+                    print(f"| {out_f}x{in_f} | {rows} | {bits} | {tk * 1e3:.4f} | {te * 1e3:.4f} | {tf * 1e3:.4f} | "
+                          f"{tf / tk:.2f}x | {nbytes / tk / 1e9:.0f} |")
                 else:
+                    tf = _time(lambda: x @ Wh.T)
                     tk = _time(lambda: qmatmul_ref(x, *args), reps=3)
-                    print(f"| {out_f}x{in_f} | {rows} | {bits} | ref {tk * 1e3:.1f} | {tf * 1e3:.3f} | {tf / tk:.2f}x | - |")
+                    print(f"| {out_f}x{in_f} | {rows} | {bits} | ref {tk * 1e3:.1f} | - | {tf * 1e3:.3f} (eager) | "
+                          f"{tf / tk:.2f}x | - |")
     if gpu:
+        fused_bench(dev)
         decode_bench(dev)
 
 
-def decode_bench(dev, tokens=128):
+def fused_bench(dev, shapes=((4096, 4096), (11008, 4096), (4096, 11008))):
+    """Decode with the input butterfly: transform then GEMV (4 launches) vs the fused kernel (1 launch)."""
+    print("\n## decode (T x) @ dequant(W2 g128)^T: transform then GEMV vs fused, fp16\n")
+    print("| out x in | rows | separate ms (graph) | fused ms (graph) | separate eager ms | fused eager ms |")
+    print("|---|---|---|---|---|---|")
+    for out_f, in_f in shapes:
+        T = bq.Transform(in_f, "random")
+        th = T.butterfly.theta.detach().to(dev)
+        c, s = th.cos(), th.sin()
+        Q = T.q().detach().to(dev) if T.K > 1 else None
+        q, sc, z = bq.quantize(torch.randn(out_f, in_f), bq.QuantConfig(2, 128, clip=False))
+        args = (bq.pack(q, 2).to(dev), sc.half().to(dev), z.half().to(dev), 2, 128, out_f, in_f)
+        for rows in (1, 16):
+            x = torch.randn(rows, in_f, device=dev, dtype=torch.float16)
+            sep = lambda: qmatmul(butterfly(x, c, s, Q), *args)                   # noqa: E731
+            fus = lambda: qmatmul_transformed_triton(x, c, s, Q, *args)           # noqa: E731
+            print(f"| {out_f}x{in_f} | {rows} | {_time_graph(sep) * 1e3:.4f} | {_time_graph(fus) * 1e3:.4f} | "
+                  f"{_time(sep) * 1e3:.4f} | {_time(fus) * 1e3:.4f} |")
+
+
+def decode_bench(dev, tokens=128, n_layers=30):
     """End-to-end greedy decode tokens/s at SmolLM2-135M's shapes (random weights: speed does not depend on
     them; the real file does not fit the device tool's transfer limit): fp16 vs W2 g128 packed with a learned-
     shape butterfly transform at every site."""
     import time
     import llama
-    args = llama.ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+    args = llama.ModelArgs(dim=576, n_layers=n_layers, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
                            rope_theta=1e5, tie_embeddings=True, max_seq_len=2048)
     torch.manual_seed(0)
     fp = llama.Transformer(args).to(dev, torch.float16).eval()
@@ -512,8 +693,13 @@ def decode_bench(dev, tokens=128):
                 t.Q.copy_(T.q().detach())
             setattr(getattr(block, parent), slot, t)
     q.to(dev, torch.float16)
-    print("\n## end-to-end decode, SmolLM2-135M shapes (random weights), greedy, batch 1, KV cache\n")
-    for label, model in (("fp16", fp), ("W2 g128 packed + butterflies", q)):
+    import copy
+    qf = llama.fuse_transforms(copy.deepcopy(q))
+    print("\n## end-to-end decode, SmolLM2-135M shapes (random weights), greedy, batch 1, KV cache, eager\n")
+    global FUSE_ROWS
+    for label, model, fuse in (("fp16", fp, 0), ("W2 g128 packed + butterflies", q, 0),
+                               ("W2 g128 packed + butterflies, rot_o/rot_down fused into the GEMV", qf, 16)):
+        FUSE_ROWS = fuse
         ids = list(range(1, 17))
         model.generate(ids, 8, temperature=0)
         torch.cuda.synchronize()
@@ -521,6 +707,7 @@ def decode_bench(dev, tokens=128):
         out = model.generate(ids, tokens, temperature=0)
         torch.cuda.synchronize()
         print(f"{label}: {len(out) / (time.perf_counter() - t0):.1f} tokens/s")
+    FUSE_ROWS = 0
 
 
 if __name__ == "__main__":

@@ -639,6 +639,20 @@ def quantized_model(header, linear_dtype=torch.float32):
     return model
 
 
+def fuse_transforms(model):
+    """Move each transform that feeds a single quantized linear (rot_o -> wo, rot_down -> w2) into that linear,
+    so that decode can run T x inside the GEMV kernel (kernels.qmatmul, FUSE_ROWS). q/k/v and w1/w3 share
+    their input transform, so those stay. Same math; the module tree changes (wo.pre instead of rot_o)."""
+    from kernels import OnlineTransform, QuantLinear
+    for block in model.layers:
+        for parent, slot, lin in ((block.attention, "rot_o", "wo"), (block.feed_forward, "rot_down", "w2")):
+            t, q = getattr(parent, slot), getattr(parent, lin)
+            if isinstance(t, OnlineTransform) and isinstance(q, QuantLinear) and q.pre is None:
+                q.pre = t
+                setattr(parent, slot, nn.Identity())
+    return model
+
+
 def load_quantized(path):
     """A calibrate.py file: packed integer linears, transforms, fp tensors, tokenizer, config."""
     from safetensors.torch import load_file

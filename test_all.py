@@ -694,8 +694,9 @@ def test_packed_matmul_kernel_matches_reference(bits, rows, out_f, in_f, group):
     deq = bq.dequantize(q, s.half().float(), z, group).double()
     assert rel(want.cpu(), (x.double().cpu() @ deq.T)) < 1e-6
     assert rel(kernels.qmatmul_triton(x, *args), want) < 1e-5
-    xb = x.to(torch.bfloat16)
-    assert rel(kernels.qmatmul_triton(xb, *args), kernels.qmatmul_ref(xb.float(), *args)) < 1e-2
+    for dt in (torch.bfloat16, torch.float16):     # tf32 and fp16 tensor-core dots
+        xh = x.to(dt)
+        assert rel(kernels.qmatmul_triton(xh, *args), kernels.qmatmul_ref(xh.float(), *args)) < 1e-2
 
 
 @pytest.mark.parametrize("programs", [3, 8, 10 ** 6])
@@ -711,3 +712,81 @@ def test_packed_gemv_split_k_sums_partials_exactly(programs, monkeypatch):
         assert rel(kernels.qmatmul_triton(x, *args), kernels.qmatmul_ref(x, *args)) < 1e-5
         xh = x.half()
         assert rel(kernels.qmatmul_triton(xh, *args).float(), kernels.qmatmul_ref(xh.float(), *args)) < 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_prefill_dequantizes_once_to_the_exact_weight(bits, monkeypatch):
+    """Prefill (many rows) dequantizes the packed stream in one pass and hands the GEMM to torch.matmul."""
+    out_f, in_f, group = 40, 200, 64               # ragged tiles in both directions, a short last group
+    W = torch.randn(out_f, in_f)
+    q, s, z = bq.quantize(W, bq.QuantConfig(bits, group))
+    args = (bq.pack(q, bits).to(DEV), s.half().to(DEV), z.half().to(DEV), bits, group, out_f, in_f)
+    deq = bq.dequantize(q, s.half().float(), z.half().float(), group)
+    assert rel(kernels.dequant_triton(*args, torch.float32).cpu(), deq) < 1e-7
+    monkeypatch.setattr(kernels, "PREFILL_ROWS", 8)
+    x = torch.randn(9, in_f, device=DEV)
+    assert rel(kernels.qmatmul_triton(x, *args), kernels.qmatmul_ref(x, *args)) < 1e-5
+    xb = x.to(torch.bfloat16)
+    assert rel(kernels.qmatmul_triton(xb, *args), kernels.qmatmul_ref(xb.float(), *args)) < 1e-2
+
+
+def test_online_transform_keeps_fp32_angles_and_follows_reloaded_ones():
+    """.half() must not round the angles (T would drift from the T the weights were quantized with), and the
+    cached cos/sin must follow a load_state_dict of new angles."""
+    mods = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        mods.append(random_transform(576, torch.float64))       # composite: K = 9, m = 64
+    ot = kernels.OnlineTransform(576, mods[0].K, mods[0].m)
+    x = torch.randn(3, 576, dtype=torch.float64)
+    for T in mods:
+        ot.load_state_dict({"theta": T.butterfly.theta.detach().float(), "Q": T.q().detach().float()})
+        want = x @ T.matrix().detach().T                         # dense float64 T
+        assert rel(ot(x.float()), want) < 1e-5
+    theta = ot.theta.clone()
+    ot.half()
+    assert ot.theta.dtype == ot.Q.dtype == torch.float32 and torch.equal(ot.theta, theta)
+    assert rel(ot(x.half()), want) < 2e-3
+
+
+@pytest.mark.parametrize("n,bits,group", [(64, 2, 32), (576, 3, 64), (1536, 4, 128)])
+def test_fused_decode_transform_gemv_matches_transform_then_matmul(n, bits, group):
+    """Decode with the input butterfly fused in: (T x) @ dequant(W)^T against the two references in sequence,
+    for a pure butterfly (64) and composites (576 = 9 x 64, 1536 = 3 x 512)."""
+    T = random_transform(n, torch.float32)
+    th = T.butterfly.theta.detach().to(DEV)
+    Q = T.q().detach().to(DEV) if T.K > 1 else None
+    c, s = th.cos(), th.sin()
+    out_f = 40
+    q, sc, z = bq.quantize(torch.randn(out_f, n), bq.QuantConfig(bits, group))
+    args = (bq.pack(q, bits).to(DEV), sc.half().to(DEV), z.half().to(DEV), bits, group, out_f, n)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, n, device=DEV)
+        want = kernels.qmatmul_ref(kernels.transform_ref(x, c, s, Q), *args)
+        assert rel(kernels.qmatmul_transformed_triton(x, c, s, Q, *args), want) < 1e-5
+        for dt in (torch.bfloat16, torch.float16):
+            xh = x.to(dt)
+            want = kernels.qmatmul_ref(kernels.transform_ref(xh.float(), c, s, Q), *args)
+            assert rel(kernels.qmatmul_transformed_triton(xh, c, s, Q, *args), want) < 1e-2
+
+
+@needs_shared
+def test_fused_transforms_decode_the_same_tokens(tmp_path, monkeypatch):
+    """llama.fuse_transforms moves rot_o / rot_down into wo / w2: the same logits on the reference path, and the
+    same greedy tokens when decode runs through the Triton kernels with the transform fused into the GEMV."""
+    out, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
+    calibrate.main(argv)
+    model, _ = llama.load(out)
+    fused = llama.fuse_transforms(llama.load(out)[0])
+    moved = [m for m in fused.modules() if isinstance(m, kernels.QuantLinear) and m.pre is not None]
+    assert len(moved) == 2 * model.args.n_layers
+    ids = torch.randint(0, 512, (1, 24))
+    assert torch.equal(fused(ids), model(ids))
+    want = model.generate(ids[0].tolist(), 4, temperature=0)
+    calls = []
+    real = kernels.qmatmul_transformed_triton
+    monkeypatch.setattr(kernels, "use_triton", lambda x: True)         # the interpreter runs the kernels
+    monkeypatch.setattr(kernels, "FUSE_ROWS", 16)
+    monkeypatch.setattr(kernels, "qmatmul_transformed_triton", lambda *a: calls.append(1) or real(*a))
+    assert fused.generate(ids[0].tolist(), 4, temperature=0) == want
+    assert len(calls) >= 3 * model.args.n_layers      # wo (64 = a pure butterfly) fused on every decode step
