@@ -171,7 +171,10 @@ if HAVE_TRITON:
         tl.store(gx_ptr + row * K * M + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-ROWS_PER_PROGRAM = int(os.environ.get("BQ_BFLY_ROWS", "2"))   # pure butterflies: rows per program
+# Pure butterflies: rows per program. Every program loads all L x n/2 cos/sin pairs (fp32), i.e. L / ROWS times
+# the bytes of its fp16 rows read and written: 6x at L = 12 and 2 rows. More rows cut that traffic but hold
+# more registers; `--bench` sweeps it (the H100 run of session 1 used 2, untuned).
+ROWS_PER_PROGRAM = int(os.environ.get("BQ_BFLY_ROWS", "2"))
 
 
 def _kp(K):
@@ -193,7 +196,7 @@ def _launch_transform(x, cos, sin, Q, transpose):
                                 q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0, R,
                                 K=K, KP=kp, M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
                                 TRANSPOSE=transpose, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                                num_warps=4 if n * kp <= 4096 else 8)
+                                num_warps=4 if n * kp <= 4096 else 8 if n * kp <= 16384 else 16)
     return y.view(x.shape)
 
 
@@ -638,8 +641,26 @@ def bench():
                     print(f"| {out_f}x{in_f} | {rows} | {bits} | ref {tk * 1e3:.1f} | - | {tf * 1e3:.3f} (eager) | "
                           f"{tf / tk:.2f}x | - |")
     if gpu:
+        rows_per_program_bench(dev, copy_bw)
         fused_bench(dev)
         decode_bench(dev)
+
+
+def rows_per_program_bench(dev, copy_bw, n=4096, rows=8192):
+    """The fused transform's one tuning knob, ROWS_PER_PROGRAM (angle traffic vs registers)."""
+    global ROWS_PER_PROGRAM
+    keep = ROWS_PER_PROGRAM
+    th = bq.Transform(n, "random").butterfly.theta.detach().to(dev)
+    c, s = th.cos(), th.sin()
+    x = torch.randn(rows, n, device=dev, dtype=torch.float16)
+    print(f"\n## fused transform, n = {n}, {rows} rows, fp16: rows per program (BQ_BFLY_ROWS)\n")
+    print("| rows per program | kernel ms | % copy |")
+    print("|---|---|---|")
+    for kp in (1, 2, 4, 8, 16):
+        ROWS_PER_PROGRAM = kp
+        tk = _time_graph(lambda: butterfly(x, c, s))
+        print(f"| {kp} | {tk * 1e3:.4f} | {100 * 4 * x.numel() / tk / copy_bw:.0f}% |")
+    ROWS_PER_PROGRAM = keep
 
 
 def fused_bench(dev, shapes=((4096, 4096), (11008, 4096), (4096, 11008))):

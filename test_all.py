@@ -666,6 +666,17 @@ def test_fused_transform_kernel_matches_reference(n, dtype, tol):
     assert rel(kernels._launch_transform(x, c, s, Q, True), wantT) < tol
 
 
+@pytest.mark.parametrize("rows_per_program", [1, 4, 8])
+def test_fused_transform_kernel_any_rows_per_program(rows_per_program, monkeypatch):
+    """The pure-butterfly kernel packs several rows in a program (a --bench knob); a ragged last program too."""
+    monkeypatch.setattr(kernels, "ROWS_PER_PROGRAM", rows_per_program)
+    B = bq.Butterfly(128, "random")
+    th = B.theta.detach().to(DEV)
+    x = torch.randn(11, 128, device=DEV)
+    want = x.double().cpu() @ B.double().matrix().detach().T        # dense float64 B
+    assert rel(kernels._launch_transform(x, th.cos(), th.sin(), None, False).cpu(), want) < 1e-5
+
+
 @pytest.mark.parametrize("n", [64, 576])
 def test_fused_transform_backward_matches_autograd(n):
     T = random_transform(n, torch.float32)
