@@ -747,7 +747,7 @@ def test_online_transform_keeps_fp32_angles_and_follows_reloaded_ones():
     mods = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        mods.append(random_transform(576, torch.float64))       # composite: K = 9, m = 64
+        mods.append(random_transform(576, torch.float64))       # composite: K = 36, m = 16
     ot = kernels.OnlineTransform(576, mods[0].K, mods[0].m)
     x = torch.randn(3, 576, dtype=torch.float64)
     for T in mods:
@@ -763,7 +763,7 @@ def test_online_transform_keeps_fp32_angles_and_follows_reloaded_ones():
 @pytest.mark.parametrize("n,bits,group", [(64, 2, 32), (576, 3, 64), (1536, 4, 128)])
 def test_fused_decode_transform_gemv_matches_transform_then_matmul(n, bits, group):
     """Decode with the input butterfly fused in: (T x) @ dequant(W)^T against the two references in sequence,
-    for a pure butterfly (64) and composites (576 = 9 x 64, 1536 = 3 x 512)."""
+    for a pure butterfly (64) and composites (576 = 36 x 16, 1536 = 12 x 128)."""
     T = random_transform(n, torch.float32)
     th = T.butterfly.theta.detach().to(DEV)
     Q = T.q().detach().to(DEV) if T.K > 1 else None
