@@ -2,6 +2,8 @@
 Inference kernels for ButterflyQuant models: the online transform T x and the packed low-bit matmul
 y = x @ dequant(Wq)^T. Each Triton kernel sits beside its PyTorch reference; `butterfly()` and `qmatmul()`
 dispatch in one place: Triton on CUDA tensors, the references everywhere else (CPU, or no Triton).
+The matmul has three regimes by row count (split-K decode GEMV, fused dequant-GEMM, dequantize-then-cuBLAS
+prefill) and a decode GEMV with the input transform fused in (FUSE_ROWS; off until a GPU run shows it pays).
 
 Packed weights (see butterflyquant.pack): one little-endian bit stream per matrix, row after row, `bits` bits
 per value in int32 words; fp16 scale and zero per (row, group of g input columns); w = s * (q - z).
@@ -23,7 +25,6 @@ try:
     HAVE_TRITON = True
 except ImportError:     # the references still run
     HAVE_TRITON = False
-
 
 
 def use_triton(x):
@@ -173,7 +174,7 @@ if HAVE_TRITON:
 
 # Pure butterflies: rows per program. Every program loads all L x n/2 cos/sin pairs (fp32), i.e. L / ROWS times
 # the bytes of its fp16 rows read and written: 6x at L = 12 and 2 rows. More rows cut that traffic but hold
-# more registers; `--bench` sweeps it (the H100 run of session 1 used 2, untuned).
+# more registers; `--bench` sweeps it (2 is untuned: the README's H100 table used it).
 ROWS_PER_PROGRAM = int(os.environ.get("BQ_BFLY_ROWS", "2"))
 
 
@@ -551,8 +552,9 @@ def fixed_matrix(n, kind, seed):
 # benchmark:  python kernels.py --bench
 
 def _time(f, reps=20):
-    """Eager seconds per call of f: on a GPU this includes Python and launch overhead, which at small sizes is
-    all there is to measure (the H100 table of session 1 was flat at ~0.05-0.08 ms from 1 to 4096 rows)."""
+    """Eager seconds per call of f: on a GPU this includes Python and launch overhead, which at small sizes may
+    be all there is to measure (in the README's H100 table the transform is flat at ~0.08 ms from 1 to 4096
+    rows)."""
     f()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
