@@ -319,7 +319,6 @@ if HAVE_TRITON:
         tl.store(out_ptr + rn[:, None].to(tl.int64) * IN + rk[None, :], w.to(out_ptr.dtype.element_ty),
                  mask=(rn[:, None] < OUT) & (rk[None, :] < IN))
 
-
     @triton.jit
     def _decode_fused_kernel(x_ptr, t_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj, w_ptr, s_ptr, z_ptr,
                              y_ptr, M, OUT, IN, G, K: tl.constexpr, KP: tl.constexpr, SEG: tl.constexpr,
@@ -335,11 +334,12 @@ if HAVE_TRITON:
         offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]                  # (KP, SEG): row = K segments
         smask = seg[:, None] < K
         t_base = t_ptr + pid.to(tl.int64) * M * IN
+        if HAS_Q:       # loaded once, used for every row
+            qm = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj,
+                         mask=(seg[:, None] < K) & (seg[None, :] < K), other=0.0)
         for r in range(M):
             v = tl.load(x_ptr + r * IN + offs, mask=smask, other=0.0).to(tl.float32)
             if HAS_Q:
-                qm = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj,
-                             mask=(seg[:, None] < K) & (seg[None, :] < K), other=0.0)
                 v = tl.dot(qm, v, input_precision="ieee" if DOT == "ieee" else "tf32")
             v = _stages(v, cos_ptr, sin_ptr, KP, SEG, LOG_SEG, False)
             tl.store(t_base + r * IN + offs, v, mask=smask)
@@ -372,6 +372,11 @@ def _programs_wanted(device):
 
 def _aligned(bits, in_features):
     return 32 % bits == 0 and (in_features * bits) % 32 == 0
+
+
+def _dot_mode(dtype):
+    """The matmul kernels' DOT for an input dtype (see _qmatmul_kernel)."""
+    return {torch.float16: "fp16", torch.bfloat16: "tf32"}.get(dtype, "ieee")
 
 
 def dequant_triton(words, scales, zeros, bits, group, out_features, in_features, dtype):
@@ -416,7 +421,7 @@ def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_featur
     _qmatmul_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN), split)](
         x, words, scales, zeros, y, M, out_features, in_features, scales.shape[1], per_split * BK, GROUP=g,
         BITS=bits, ALIGNED=_aligned(bits, in_features), SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        DOT={torch.float16: "fp16", torch.bfloat16: "tf32"}.get(x.dtype, "ieee"), num_warps=warps, num_stages=3)
+        DOT=_dot_mode(x.dtype), num_warps=warps, num_stages=3)
     return y.to(x.dtype)
 
 
@@ -436,15 +441,14 @@ def qmatmul_transformed_triton(x, cos, sin, Q, words, scales, zeros, bits, group
         q.stride(1) if Q is not None else 0, words, scales, zeros, y, M, out_features, in_features, scales.shape[1],
         K=K, KP=_kp(K), SEG=m, LOG_SEG=m.bit_length() - 1, HAS_Q=Q is not None,
         GROUP=in_features if group == 0 else group, BITS=bits, ALIGNED=_aligned(bits, in_features), BLOCK_N=BN,
-        BLOCK_K=BK, DOT={torch.float16: "fp16", torch.bfloat16: "tf32"}.get(x.dtype, "ieee"),
-        num_warps=4 if n * _kp(K) <= 4096 else 8)
+        BLOCK_K=BK, DOT=_dot_mode(x.dtype), num_warps=4 if n * _kp(K) <= 4096 else 8)
     return y
 
 
 # -----------------------------------------------------------------------------
 # dispatch: the one place that picks Triton or the reference
 
-def _transform_supported(x, cos, Q):
+def _transform_supported(x, Q):
     K = 1 if Q is None else Q.shape[0]
     m = x.shape[-1] // K
     return use_triton(x) and (Q is None or (m >= 16 and K <= 128)) and m >= 2
@@ -452,7 +456,7 @@ def _transform_supported(x, cos, Q):
 
 def butterfly(x, cos, sin, Q=None):
     """T x for the online transform (inference; no gradient)."""
-    if _transform_supported(x, cos, Q):
+    if _transform_supported(x, Q):
         return _launch_transform(x, cos.float().contiguous(), sin.float().contiguous(), Q, False)
     return transform_ref(x, cos, sin, Q)
 
@@ -466,7 +470,7 @@ def qmatmul(x, words, scales, zeros, bits, group, out_features, in_features, pre
     """y = (pre x) @ dequant(Wq)^T; pre: an OnlineTransform fused in front of this linear, or None."""
     if pre is not None:
         Q = pre.Q if pre.K > 1 else None
-        if not pre.dense and x.shape[0] <= min(FUSE_ROWS, 16) and _transform_supported(x, None, Q):
+        if not pre.dense and x.shape[0] <= min(FUSE_ROWS, 16) and _transform_supported(x, Q):
             cos, sin = pre.cos_sin()
             return qmatmul_transformed_triton(x, cos, sin, Q, words, scales, zeros, bits, group, out_features,
                                               in_features)
