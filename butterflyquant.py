@@ -1,12 +1,12 @@
 """
-ButterflyQuant, the math: learnable butterfly rotations, fixed baselines, low-bit quantizers (RTN, GPTQ),
-packing, and the calibration losses. No model knowledge here: everything acts on tensors.
+ButterflyQuant, the method, in reading order: computational invariance, the butterfly, the composite transform
+for any n, quantizers and the straight-through estimator, the losses, the learning of a transform, GPTQ, packing,
+and the fixed baselines (Hadamard constructions) last. Pure math on tensors: no model, no files, no flags.
 
 Computational invariance: for orthogonal T,  y = W x = (W T^T)(T x).
-We store Q(W T^T) and apply T online to the input, choosing T so that W T^T quantizes well.
-
-    python butterflyquant.py        # micro-benchmark: Butterfly(4096) vs a dense 4096 x 4096 matmul
+We store Q(W T^T) and apply T to the input online, choosing T so that W T^T quantizes well.
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -72,105 +72,6 @@ class Butterfly(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# fixed orthogonal matrices: Hadamard (Sylvester, Paley I/II, Kronecker products), random, identity
-
-def _is_prime(q):
-    return q >= 2 and all(q % d for d in range(2, int(q ** 0.5) + 1))
-
-
-def _paley(K):
-    """A K x K Hadamard matrix by Paley's constructions over a prime field, or None.
-    Paley I (q = K-1 = 3 mod 4):  H = I + [[0, 1^T], [-1, Q]]
-    Paley II (q = K/2-1 = 1 mod 4): H = C (x) [[1,-1],[-1,-1]] + I (x) [[1,1],[1,-1]],  C = [[0, 1^T], [1, Q]]
-    with the Jacobsthal matrix Q_ij = chi(j - i), chi the quadratic character mod q."""
-    def jacobsthal(q):
-        sq = {(x * x) % q for x in range(1, q)}
-        chi = torch.tensor([0] + [1 if a in sq else -1 for a in range(1, q)], dtype=torch.float64)
-        idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
-        return chi[idx]
-    q = K - 1
-    if _is_prime(q) and q % 4 == 3:
-        S = torch.zeros(K, K, dtype=torch.float64)
-        S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, jacobsthal(q)
-        return torch.eye(K, dtype=torch.float64) + S
-    q = K // 2 - 1
-    if K % 2 == 0 and _is_prime(q) and q % 4 == 1:
-        C = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-        C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, jacobsthal(q)
-        A = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-        B = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-        return torch.kron(C, A) + torch.kron(torch.eye(q + 1, dtype=torch.float64), B)
-    return None
-
-
-def _sylvester(n):
-    H = torch.ones(1, 1, dtype=torch.float64)
-    while H.shape[0] < n:
-        H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
-    return H
-
-
-def hadamard_split(n):
-    """(K, m) with n = K * m, m a power of two and K = 1 or a Paley order, K smallest; None if none exists."""
-    m = n & -n                       # largest power of two dividing n
-    K = n // m
-    while m >= 1:
-        if K == 1 or _paley(K) is not None:
-            return K, m
-        K, m = K * 2, m // 2
-    return None
-
-
-def hadamard(n):
-    """An n x n +-1 matrix with H H^T = n I (Sylvester x Paley), or ValueError where the code has no construction."""
-    split = hadamard_split(n)
-    if split is None:
-        raise ValueError(f"no Hadamard construction for n={n} (try hadamard_fallback)")
-    K, m = split
-    return torch.kron(_paley(K) if K > 1 else torch.ones(1, 1, dtype=torch.float64), _sylvester(m))
-
-
-def random_orthogonal(n, generator=None, dtype=torch.float64):
-    """Haar-random orthogonal: QR of a Gaussian matrix with the signs of R's diagonal fixed."""
-    A = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    Q, R = torch.linalg.qr(A)
-    return (Q * torch.sign(torch.diagonal(R))).to(dtype).contiguous()
-
-
-def identity(n, dtype=torch.float64):
-    return torch.eye(n, dtype=dtype)
-
-
-def random_signs(n, generator=None):
-    return torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
-
-
-def hadamard_fallback(n, generator=None):
-    """For sizes with no construction (11008 = 43 x 256): a random orthogonal K x K factor (x) the Hadamard of
-    the largest constructible divisor. Returns (orthonormal matrix, label)."""
-    best = max(d for d in range(1, n + 1) if n % d == 0 and hadamard_split(d) is not None)
-    K = n // best
-    Hd = hadamard(best) / math.sqrt(best)
-    return torch.kron(random_orthogonal(K, generator), Hd), f"orth{K}xH{best}"
-
-
-def fixed_rotation(n, kind, generator=None):
-    """Orthonormal n x n baseline (float64) and its label: 'identity', 'random', or 'hadamard' (randomised,
-    H D / sqrt(n) with random signs D as QuaRot/QuIP# use; the named fallback where no Hadamard exists)."""
-    if kind == "identity":
-        return identity(n), "identity"
-    if kind == "random":
-        return random_orthogonal(n, generator), "random"
-    if kind == "hadamard":
-        D = random_signs(n, generator)
-        if hadamard_split(n) is not None:
-            return hadamard(n) * D / math.sqrt(n), "hadamard"
-        M, label = hadamard_fallback(n, generator)
-        return M * D, f"hadamard-fallback({label})"
-    raise ValueError(f"unknown rotation {kind!r}")
-
-
-# -----------------------------------------------------------------------------
 # the composite transform for any n: T = Q_K (x) Butterfly(m)
 
 def cayley(A):
@@ -180,16 +81,16 @@ def cayley(A):
     return torch.linalg.solve(I + S, I - S, left=False)
 
 
-def kron_split(n, max_k=256):
-    """n = K * m with m a power of two: the smallest K <= max_k that has a Hadamard construction (so a Hadamard
-    init exists: 576 = 36 x 16, 1536 = 12 x 128), else the smallest K (the odd part: 11008 = 43 x 256)."""
+def kron_split(n, max_k=256, strict=False):
+    """n = K * m with m a power of two: the smallest K <= max_k that has a Hadamard construction (K = 1 or a Paley
+    order: 576 = 36 x 16, 1536 = 12 x 128). None if there is none and strict, else the odd part (11008 = 43 x 256)."""
     m = n & -n
     K = n // m
     while m >= 1 and K <= max_k:
         if K == 1 or _paley(K) is not None:
             return K, m
         K, m = K * 2, m // 2
-    return n // (n & -n), n & -n
+    return None if strict else (n // (n & -n), n & -n)
 
 
 class Transform(nn.Module):
@@ -205,13 +106,18 @@ class Transform(nn.Module):
         self.init = init
         if self.K > 1:
             if init == "identity":
-                base = identity(self.K)
+                base = torch.eye(self.K, dtype=torch.float64)
             elif init == "hadamard" and _paley(self.K) is not None:
                 base = _paley(self.K) / math.sqrt(self.K)
             else:
                 base = random_orthogonal(self.K, generator)
             self.register_buffer("base", base.to(dtype))
             self.A = nn.Parameter(torch.zeros(self.K, self.K, dtype=dtype))
+
+    def export(self):
+        """What inference needs: the file's description of T and its tensors (angles, K x K factor or None)."""
+        entry = dict(n=self.n, dense=False, K=self.K, m=self.m)
+        return entry, self.butterfly.theta.detach().float(), self.q().detach().float() if self.K > 1 else None
 
     def num_params(self):
         return self.butterfly.theta.numel() + (self.K * (self.K - 1) // 2 if self.K > 1 else 0)
@@ -244,27 +150,6 @@ class Transform(nn.Module):
         return torch.kron(self.q(), B.contiguous()) if self.K > 1 else B
 
 
-class FixedTransform(nn.Module):
-    """A fixed orthogonal matrix behind the Transform interface (the baselines)."""
-
-    def __init__(self, M, label="", dtype=torch.float32):
-        super().__init__()
-        self.register_buffer("M", M.to(dtype))
-        self.n, self.label = M.shape[0], label
-
-    def num_params(self):
-        return 0
-
-    def forward(self, x):
-        return x @ self.M.T.to(x.dtype)
-
-    def transpose(self, x):
-        return x @ self.M.to(x.dtype)
-
-    def matrix(self):
-        return self.M
-
-
 # -----------------------------------------------------------------------------
 # quantizers: w ~ s * (q - z), q in {0 .. 2^bits - 1}, per output row and group of g input columns
 
@@ -274,6 +159,8 @@ class QuantConfig:
     group: int = 128          # consecutive input columns per scale; 0 = one group per row (per channel)
     sym: bool = False         # symmetric: z fixed at 2^(bits-1) (GPTQ's convention)
     clip: bool = True         # MSE-optimal shrink of the range (grid search)
+    gptq: bool = True         # the final quantizer: GPTQ (error feedback through H^-1) or round to nearest
+    act_order: bool = False   # GPTQ column order by decreasing diag(H)
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
@@ -375,6 +262,138 @@ def fake_quant_ste(w, cfg: QuantConfig):
 
 
 # -----------------------------------------------------------------------------
+# losses
+
+def recon_loss_direct(W, What, T, X):
+    """||W X - Q(W T^T) (T X)||^2 with What = Q(W T^T) (R, n), T (n, n), X (n, tokens)."""
+    return (W @ X - What @ (T @ X)).pow(2).sum()
+
+
+def recon_loss_trace(W, What, T, H):
+    """The same loss through H = X X^T only:  ||(W - What T) X||^2 = trace(E H E^T),  E = W - What T.
+    Cost O(R n^2) per step, independent of the number of calibration tokens."""
+    E = W - What @ T
+    return ((E @ H) * E).sum()
+
+
+def uniformity_loss(z, bits, temperature=0.5):
+    """KL(p || uniform) of a soft histogram of each row of z (tokens, n) over the 2^bits bins of a min-max
+    quantizer spanning that row. Soft assignment: softmax_k(-((z - c_k)/width)^2 / temperature). Zero when
+    every bin is used equally; pushes T X away from peaked, outlier-dominated distributions."""
+    B = 2 ** bits
+    lo, hi = z.amin(-1, keepdim=True).detach(), z.amax(-1, keepdim=True).detach()
+    width = (hi - lo).clamp_min(1e-8) / B
+    centers = lo + width * (torch.arange(B, device=z.device, dtype=z.dtype) + 0.5)     # (tokens, B)
+    d = (z[..., None] - centers[:, None, :]) / width[..., None]                       # (tokens, n, B)
+    p = torch.softmax(-d.pow(2) / temperature, -1).mean(1)                            # (tokens, B)
+    return (p * torch.log(p * B + 1e-12)).sum(-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# learning the transform of one site (the paper's per-linear objective)
+#
+#   min_T  trace(E H E^T) / trace(W H W^T)  +  lambda * KL(hist(T X) || uniform),    E = W - Q(W T^T) T
+#
+# W stacks the linears that read the site's input (q/k/v share one T); Q is the straight-through min-max RTN.
+
+@dataclass
+class LearnConfig:
+    init: str = "best"        # identity | hadamard | random | best (the better of identity and hadamard)
+    steps: int = 30
+    lr: float = 0.5
+    rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
+    checkpoints: int = 1      # times per site the iterate is scored with the final quantizer (the best is kept)
+    optim: str = "sgd"        # sgd (momentum 0.9) or adam, both cosine-decayed
+    lambda_unif: float = 0.0  # weight of the uniformity regulariser
+
+    def __post_init__(self):
+        if self.init not in ("identity", "hadamard", "random", "best"):
+            raise ValueError(f"unknown init {self.init!r}")
+        if self.optim not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {self.optim!r}")
+        if self.steps < 0 or self.rows < 0 or self.checkpoints < 1:
+            raise ValueError("steps and rows must be >= 0 and checkpoints >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.lambda_unif) and self.lambda_unif >= 0):
+            raise ValueError("the learning rate must be positive and lambda_unif >= 0")
+
+
+class LearningError(ValueError):
+    """The loss became NaN or inf while learning (a too large learning rate, or NaN in the inputs)."""
+
+
+def quantize_rotated(W, H, M, cfg: QuantConfig):
+    """The quantizer the file holds, on the rotated weights W T^T: GPTQ with T H T^T, or RTN (with clip search)."""
+    Wr = W @ M.T
+    if cfg.gptq:
+        return gptq(Wr, M @ H @ M.T, cfg, act_order=cfg.act_order)
+    return quantize(Wr, cfg)
+
+
+@torch.no_grad()
+def score(W, H, M, cfg: QuantConfig, base):
+    """(trace(E H E^T) / base under the final quantizer, its (q, scale, zero)); base = trace(W H W^T)."""
+    qsz = quantize_rotated(W, H, M, cfg)
+    return (recon_loss_trace(W, dequantize(*qsz, cfg.group), M, H) / base).item(), qsz
+
+
+def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
+    """Learn T = Q_K (x) B(m) for W (R, n) with inputs summarised by H (n, n) (and tokens Xu (tokens, n) for the
+    uniformity term). The STE gradient is noisy and RTN is not the final quantizer, so iterates are scored with
+    the final one `checkpoints` times and the best is kept, the start included: learning never ends worse than
+    its start. Returns (T, start loss, best loss, best (q, scale, zero))."""
+    n = W.shape[1]
+    base = ((W @ H) * W).sum()          # trace(W H W^T): the loss of quantizing everything to zero
+    g = torch.Generator(device=W.device).manual_seed(seed)
+
+    def make(init):
+        return Transform(n, init, torch.Generator().manual_seed(seed)).to(W.device)
+
+    if lcfg.init == "best":    # the butterfly contains both identity and (a) Hadamard: start from the better
+        cands = [make("identity"), make("hadamard")]
+        scores = [score(W, H, t.matrix().detach(), qcfg, base) for t in cands]
+        i = min(range(2), key=lambda j: scores[j][0])
+        T, (start, best_q) = cands[i], scores[i]
+    else:
+        T = make(lcfg.init)
+        start, best_q = score(W, H, T.matrix().detach(), qcfg, base)
+    best, best_state = start, copy.deepcopy(T.state_dict())
+
+    def loss_of(rows=None):
+        """The relative loss on a subset of rows, with T in its fast form: Q(W T^T) has rows Q(T w), and
+        E = W - Q(W T^T) T has rows w - T^T q."""
+        Ws = W if rows is None else W[rows]
+        Wq = fake_quant_ste(T(Ws), qcfg)
+        E = Ws - T.transpose(Wq)
+        rec = ((E @ H) * E).sum() / (base * Ws.shape[0] / W.shape[0])
+        if lcfg.lambda_unif:
+            return rec + lcfg.lambda_unif * uniformity_loss(T(Xu), qcfg.bits)
+        return rec
+
+    params = list(T.parameters())
+    opt = (torch.optim.SGD(params, lr=lcfg.lr, momentum=0.9) if lcfg.optim == "sgd"
+           else torch.optim.Adam(params, lr=lcfg.lr))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, lcfg.steps))
+    every = max(1, lcfg.steps // lcfg.checkpoints)
+    for step in range(1, lcfg.steps + 1):
+        rows = None
+        if lcfg.rows and W.shape[0] > lcfg.rows:
+            rows = torch.randperm(W.shape[0], generator=g, device=W.device)[: lcfg.rows]
+        loss = loss_of(rows)
+        if not torch.isfinite(loss):
+            raise LearningError(f"NaN/inf loss at step {step} while learning a transform (learning rate {lcfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % every == 0 or step == lcfg.steps:
+            s, qsz = score(W, H, T.matrix().detach(), qcfg, base)
+            if s < best:
+                best, best_state, best_q = s, copy.deepcopy(T.state_dict()), qsz
+    T.load_state_dict(best_state)
+    return T, start, best, best_q
+
+
+# -----------------------------------------------------------------------------
 # GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's error onto the columns not
 # yet quantized through the inverse Hessian of ||(W - W_hat) X||^2, H = X X^T.
 
@@ -455,53 +474,90 @@ def stored_bits_per_weight(words, scale, zero, numel):
 
 
 # -----------------------------------------------------------------------------
-# losses
+# fixed baselines: Hadamard (Sylvester, Paley I/II, Kronecker products), random orthogonal, identity
 
-def recon_loss_direct(W, What, T, X):
-    """||W X - Q(W T^T) (T X)||^2 with What = Q(W T^T) (R, n), T (n, n), X (n, tokens)."""
-    return (W @ X - What @ (T @ X)).pow(2).sum()
-
-
-def recon_loss_trace(W, What, T, H):
-    """The same loss through H = X X^T only:  ||(W - What T) X||^2 = trace(E H E^T),  E = W - What T.
-    Cost O(R n^2) per step, independent of the number of calibration tokens."""
-    E = W - What @ T
-    return ((E @ H) * E).sum()
+def _is_prime(q):
+    return q >= 2 and all(q % d for d in range(2, int(q ** 0.5) + 1))
 
 
-def uniformity_loss(z, bits, temperature=0.5):
-    """KL(p || uniform) of a soft histogram of each row of z (tokens, n) over the 2^bits bins of a min-max
-    quantizer spanning that row. Soft assignment: softmax_k(-((z - c_k)/width)^2 / temperature). Zero when
-    every bin is used equally; pushes T X away from peaked, outlier-dominated distributions."""
-    B = 2 ** bits
-    lo, hi = z.amin(-1, keepdim=True).detach(), z.amax(-1, keepdim=True).detach()
-    width = (hi - lo).clamp_min(1e-8) / B
-    centers = lo + width * (torch.arange(B, device=z.device, dtype=z.dtype) + 0.5)     # (tokens, B)
-    d = (z[..., None] - centers[:, None, :]) / width[..., None]                       # (tokens, n, B)
-    p = torch.softmax(-d.pow(2) / temperature, -1).mean(1)                            # (tokens, B)
-    return (p * torch.log(p * B + 1e-12)).sum(-1).mean()
+def _paley(K):
+    """A K x K Hadamard matrix by Paley's constructions over a prime field, or None.
+    Paley I (q = K-1 = 3 mod 4):  H = I + [[0, 1^T], [-1, Q]]
+    Paley II (q = K/2-1 = 1 mod 4): H = C (x) [[1,-1],[-1,-1]] + I (x) [[1,1],[1,-1]],  C = [[0, 1^T], [1, Q]]
+    with the Jacobsthal matrix Q_ij = chi(j - i), chi the quadratic character mod q."""
+    def jacobsthal(q):
+        sq = {(x * x) % q for x in range(1, q)}
+        chi = torch.tensor([0] + [1 if a in sq else -1 for a in range(1, q)], dtype=torch.float64)
+        idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+        return chi[idx]
+    q = K - 1
+    if _is_prime(q) and q % 4 == 3:
+        S = torch.zeros(K, K, dtype=torch.float64)
+        S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, jacobsthal(q)
+        return torch.eye(K, dtype=torch.float64) + S
+    q = K // 2 - 1
+    if K % 2 == 0 and _is_prime(q) and q % 4 == 1:
+        C = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+        C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, jacobsthal(q)
+        A = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        B = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        return torch.kron(C, A) + torch.kron(torch.eye(q + 1, dtype=torch.float64), B)
+    return None
 
 
-# -----------------------------------------------------------------------------
+def _sylvester(n):
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
+    return H
 
-if __name__ == "__main__":
-    import time
-    torch.manual_seed(0)
-    n, tokens = 4096, 4096
-    x = torch.randn(tokens, n)
-    bf = Butterfly(n, "random")
-    M = torch.randn(n, n)
 
-    def bench(f, reps=3):
-        f()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        return (time.perf_counter() - t0) / reps
+def hadamard(n):
+    """An n x n +-1 matrix with H H^T = n I (Sylvester x Paley), or ValueError where the code has no construction."""
+    split = kron_split(n, max_k=n, strict=True)
+    if split is None:
+        raise ValueError(f"no Hadamard construction for n={n} (try hadamard_fallback)")
+    K, m = split
+    return torch.kron(_paley(K) if K > 1 else torch.ones(1, 1, dtype=torch.float64), _sylvester(m))
 
-    with torch.no_grad():
-        tb = bench(lambda: bf(x))
-        td = bench(lambda: x @ M.T)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, x: ({tokens}, {n})")
-    print(f"Butterfly({n}) apply  : {tb * 1e3:8.1f} ms   ({bf.theta.numel()} angles)")
-    print(f"dense {n}x{n} matmul : {td * 1e3:8.1f} ms   ({td / tb:.1f}x slower)")
+
+def random_orthogonal(n, generator=None, dtype=torch.float64):
+    """Haar-random orthogonal: QR of a Gaussian matrix with the signs of R's diagonal fixed."""
+    A = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(A)
+    return (Q * torch.sign(torch.diagonal(R))).to(dtype).contiguous()
+
+
+def random_signs(n, generator=None):
+    return torch.randint(0, 2, (n,), generator=generator).to(torch.float64) * 2 - 1
+
+
+def hadamard_fallback(n, generator=None):
+    """For sizes with no construction (11008 = 43 x 256): a random orthogonal K x K factor (x) the Hadamard of
+    the largest constructible divisor. Returns (orthonormal matrix, label)."""
+    best = max(d for d in range(1, n + 1) if n % d == 0 and kron_split(d, max_k=d, strict=True) is not None)
+    K = n // best
+    Hd = hadamard(best) / math.sqrt(best)
+    return torch.kron(random_orthogonal(K, generator), Hd), f"orth{K}xH{best}"
+
+
+def fixed_rotation(n, kind, generator=None):
+    """Orthonormal n x n baseline (float64) and its label: 'identity', 'random', or 'hadamard' (randomised,
+    H D / sqrt(n) with random signs D as QuaRot/QuIP# use; the named fallback where no Hadamard exists)."""
+    if kind == "identity":
+        return torch.eye(n, dtype=torch.float64), "identity"
+    if kind == "random":
+        return random_orthogonal(n, generator), "random"
+    if kind == "hadamard":
+        D = random_signs(n, generator)
+        if kron_split(n, max_k=n, strict=True) is not None:
+            return hadamard(n) * D / math.sqrt(n), "hadamard"
+        M, label = hadamard_fallback(n, generator)
+        return M * D, f"hadamard-fallback({label})"
+    raise ValueError(f"unknown rotation {kind!r}")
+
+
+def fixed_matrix(n, kind, seed):
+    """A fixed baseline transform (fp32), rebuilt from its kind and seed: files store these, not n x n matrices."""
+    M, _ = fixed_rotation(n, kind, torch.Generator().manual_seed(seed))
+    return M.float()

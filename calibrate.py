@@ -1,48 +1,318 @@
 """
-Learn one butterfly transform per linear-input site, block by block, then quantize the rotated weights.
+Learn one transform per linear-input site, block by block, then quantize the rotated weights.
 
-    python calibrate.py                                  # SmolLM2-135M, learned butterflies, defaults below
-    python calibrate.py --ckpt llama-2-7b --bits 2 --group 128 --gptq
-    python calibrate.py --rotation hadamard --gptq       # QuaRot-style fixed randomised Hadamard baseline
+    python calibrate.py                                  # SmolLM2-135M, learned butterflies, W3 g128 GPTQ
+    python calibrate.py --ckpt llama-2-7b --bits 2 --group 128
+    python calibrate.py --rotation hadamard              # QuaRot-style fixed randomised Hadamard baseline
+    python calibrate.py --sweep [--sweep_only w2g64]     # the results grid (resumable, out/sweep.jsonl)
 
 For each block, in order:
-  1. run the calibration tokens through the blocks already quantized, and at each of the four sites
-     (q/k/v input, wo input, w1/w3 input, w2 input) keep H = X X^T / N and a few tokens X_u;
-  2. learn T = Q_K (x) Butterfly(m) minimising  trace(E H E^T) / trace(W H W^T) + lambda * KL(hist(T X_u) || U),
-     E = W - Q(W T^T) T, with Q the straight-through RTN quantizer (the trace form makes a step O(out n^2));
-  3. store Q(W T^T) (RTN with clip search, or GPTQ on T H T^T), packed; T runs online at inference.
+  1. collect: run the calibration tokens through the blocks already quantized and keep, at each of the four
+     sites (q/k/v input, wo input, w1/w3 input, w2 input), H = X X^T / N and a few tokens X_u;
+  2. learn and quantize: T per site (butterflyquant.learn_transform), then Q(W T^T) with the final quantizer
+     (GPTQ on T H T^T, or RTN with clip search); the block becomes its quantized self (llama.install_quantized_block);
+  3. write: the block's tensors to OUT.partial/ (a killed run resumes there), and at the end the whole file.
 The same code path runs the baselines (--rotation none / hadamard / random), so the comparison is fair.
 """
 import argparse
-import copy
 import json
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 
 import butterflyquant as bq
 import eval as evaluation
 import llama
-from kernels import OnlineTransform, QuantLinear, fixed_matrix
-from llama import UserError
+from llama import SITES, UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(os.environ.get("BQ_SHARED", os.path.join(HERE, "..", "shared")), "data")
-
-# (transform slot, the linears that read its output)
-SITES = [("attention.rot_qkv", ("attention.wq", "attention.wk", "attention.wv")),
-         ("attention.rot_o", ("attention.wo",)),
-         ("feed_forward.rot_up", ("feed_forward.w1", "feed_forward.w3")),
-         ("feed_forward.rot_down", ("feed_forward.w2",))]
 SHORT = {"attention.rot_qkv": "qkv", "attention.rot_o": "o", "feed_forward.rot_up": "up", "feed_forward.rot_down": "down"}
 
 
+@dataclass
+class CalibConfig:
+    ckpt: str = "smollm2-135m"
+    rotation: str = "butterfly"         # none | hadamard | random | butterfly (learned)
+    calib: Optional[str] = None         # calibration text (.txt / .jsonl); None: ../shared WikiText-103, else data-free
+    nsamples: int = 32
+    seqlen: int = 2048
+    seed: int = 0
+    unif_tokens: int = 256              # tokens per site kept for the uniformity regulariser
+    batch_size: int = 4                 # samples per forward pass (does not change the result)
+    device: str = "cpu"                 # (does not change the result beyond float rounding)
+
+
+def settings(cc, qc, lc):
+    """Everything that determines the result: the resume check and the file header."""
+    d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device")}
+    return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" else None)
+
+
+# -----------------------------------------------------------------------------
+# calibration data
+
+def calibration_samples(cc, model, tok):
+    """(nsamples random windows of seqlen tokens (N, T), a description of their source)."""
+    path = cc.calib
+    if path is None and os.path.isfile(os.path.join(SHARED_DATA, "wikitext103_valid.txt")):
+        path = os.path.join(SHARED_DATA, "wikitext103_valid.txt")
+    g = torch.Generator().manual_seed(cc.seed)
+    if path is None:
+        return data_free_samples(cc, model, tok, g), "data-free (sampled from the model)"
+    ids = evaluation.tokenize_corpus(tok, path)
+    if ids.numel() and ids.max() >= model.args.vocab_size:
+        raise UserError(f"the tokenizer produces id {int(ids.max())}, beyond the model's vocabulary ({model.args.vocab_size})")
+    if ids.numel() <= cc.seqlen:
+        raise UserError(f"{path}: {ids.numel()} tokens, fewer than one sample of --seqlen {cc.seqlen}")
+    starts = torch.randint(0, ids.numel() - cc.seqlen, (cc.nsamples,), generator=g)
+    return torch.stack([ids[s:s + cc.seqlen] for s in starts.tolist()]), f"{os.path.basename(path)} ({ids.numel()} tokens)"
+
+
+def data_free_samples(cc, model, tok, g):
+    """No calibration text: sample it from the model itself (LLM-QAT's data-free calibration)."""
+    print(f"no calibration text given or found: sampling {cc.nsamples} x {cc.seqlen} tokens from the model "
+          f"(data-free calibration, slow on CPU)", file=sys.stderr)
+    out = []
+    for i in range(cc.nsamples):
+        first = int(torch.randint(0, tok.n_vocab, (1,), generator=g)) if tok.bos_id is None else tok.bos_id
+        seq = [first] + model.generate([first], cc.seqlen - 1, temperature=1.0, top_p=1.0, seed=cc.seed + i)
+        out.append(torch.tensor((seq + seq * cc.seqlen)[: cc.seqlen]))   # stopped early (EOS): repeat
+    return torch.stack(out)
+
+
+# -----------------------------------------------------------------------------
+# one block: collect, learn and quantize
+
+@torch.no_grad()
+def run_block(block, X, cos, sin, cc, capture=False):
+    """X (N, T, dim) on CPU -> block(X). capture: also, per site, H = sum x x^T / count and a token subsample."""
+    dev = cc.device
+    stats, hooks = {}, []
+    if capture:
+        g = torch.Generator().manual_seed(cc.seed + 7)
+        for slot, linears in SITES:
+            n = block.get_submodule(linears[0]).in_features
+            st = stats[slot] = dict(H=torch.zeros(n, n, dtype=torch.float64, device=dev), count=0, sub=[])
+
+            def hook(mod, inp, st=st):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+                st["H"] += (x.T @ x).double()
+                st["count"] += x.shape[0]
+                k = max(1, cc.unif_tokens * x.shape[0] // (cc.nsamples * cc.seqlen))
+                st["sub"].append(x[torch.randint(0, x.shape[0], (k,), generator=g).to(dev)].float().cpu())
+            hooks.append(block.get_submodule(linears[0]).register_forward_pre_hook(hook))
+    out = torch.empty_like(X)
+    try:
+        for i in range(0, X.shape[0], cc.batch_size):
+            out[i:i + cc.batch_size] = block(X[i:i + cc.batch_size].to(dev), cos, sin).cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not torch.isfinite(out).all():
+        raise UserError("non-finite activations (NaN/inf) in the calibration forward pass: check the checkpoint")
+    for st in stats.values():
+        st["H"] = (st["H"] / st["count"]).float()
+        st["sub"] = torch.cat(st["sub"])[: cc.unif_tokens].to(dev)
+    return out, stats
+
+
+def quantize_block(block, stats, cc, qc, lc, layer):
+    """Choose T and quantize Q(W T^T) at every site of one block, then install the quantized block.
+    Returns (the block's tensors, {slot: transform entry}, {site: relative layer loss before and after})."""
+    tensors, entries, log = {}, {}, {}
+    for s_i, (slot, linears) in enumerate(SITES):
+        seed = cc.seed * 1000003 + 4 * layer + s_i
+        Ws = [block.get_submodule(name).weight.detach().to(cc.device, torch.float32) for name in linears]
+        W = torch.cat(Ws)                           # (sum of outs, n): linears sharing an input share T
+        n, H = W.shape[1], stats[slot]["H"]
+        first = float("nan")
+        if cc.rotation == "butterfly":
+            try:
+                T, first, after, (q, s, z) = bq.learn_transform(W, H, qc, lc, seed, stats[slot]["sub"])
+            except bq.LearningError as e:
+                raise UserError(f"{e}: lower --lr") from None
+            entries[slot], tensors[f"{slot}.theta"], Q = T.export()
+            if Q is not None:
+                tensors[f"{slot}.Q"] = Q
+            M = T.matrix().detach()
+        else:
+            if cc.rotation == "none":
+                M = torch.eye(n, device=cc.device)
+            else:
+                entries[slot] = dict(n=n, dense=True, kind=cc.rotation, seed=seed)
+                M = bq.fixed_matrix(n, cc.rotation, seed).to(cc.device)
+            after, (q, s, z) = bq.score(W, H, M, qc, ((W @ H) * W).sum())
+        row = 0
+        for name, Wl in zip(linears, Ws):
+            rows = slice(row, row + Wl.shape[0])
+            tensors[f"{name}.qweight"] = bq.pack(q[rows], qc.bits).cpu()
+            tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s[rows].half().cpu(), z[rows].half().cpu()
+            row += Wl.shape[0]
+        log[SHORT[slot]] = dict(start=round(first, 5), final=round(after, 5))
+    tensors["attention_norm.weight"] = block.attention_norm.weight.detach().float().cpu()
+    tensors["ffn_norm.weight"] = block.ffn_norm.weight.detach().float().cpu()
+    llama.install_quantized_block(block, tensors, entries, qc.bits, qc.group)
+    return tensors, entries, log
+
+
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# -----------------------------------------------------------------------------
+# the driver: collect -> learn and quantize a block -> write, resumable
+
+def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
+    """Calibrate cc.ckpt and write `out`; returns a summary dict. OUT.partial/ keeps finished blocks."""
+    torch.manual_seed(cc.seed)
+    t_start = time.time()
+    model, tok = llama.load(cc.ckpt)
+    if tok is None:
+        raise UserError(f"{cc.ckpt}: no tokenizer found beside the checkpoint")
+    args = model.args
+    samples, source = calibration_samples(cc, model, tok)               # (N, T)
+    partial = out + ".partial"
+    sett = settings(cc, qc, lc)
+    if os.path.isdir(partial):
+        try:
+            old = json.load(open(os.path.join(partial, "settings.json")))
+        except (OSError, ValueError):
+            old = None
+        if old != sett:
+            raise UserError(f"{partial} holds a run with other settings; delete it or rerun with the same arguments")
+        print(f"resuming from {partial}", file=sys.stderr)
+    else:
+        os.makedirs(partial)
+        with open(os.path.join(partial, "settings.json.tmp"), "w") as f:
+            json.dump(sett, f)
+        os.replace(os.path.join(partial, "settings.json.tmp"), os.path.join(partial, "settings.json"))
+
+    dev = cc.device
+    print(f"calibrating {cc.ckpt}: {args.n_layers} blocks, dim {args.dim}, ffn {args.hidden_dim} | W{qc.bits} "
+          f"g{qc.group}{' sym' if qc.sym else ''} {'GPTQ' if qc.gptq else 'RTN'}{'+clip' if qc.clip else ''} | "
+          f"rotation {cc.rotation}{'(' + lc.init + ')' if cc.rotation == 'butterfly' else ''} | "
+          f"{cc.nsamples}x{cc.seqlen} tokens of {source} | {dev}", file=sys.stderr)
+    with torch.no_grad():
+        X = model.tok_embeddings(samples).float()                       # (N, T, dim) on CPU
+    cos, sin = model.rope(0, cc.seqlen, dev)
+    site_log, t_blocks, done_now = {}, time.time(), 0
+    for l, block in enumerate(model.layers):
+        bpath = os.path.join(partial, f"block_{l:03d}.safetensors")
+        t0 = time.time()
+        block.to(dev, torch.float32)
+        if os.path.isfile(bpath):       # finished in an earlier run: rebuild it and move on
+            header, tensors = llama.read_safetensors(bpath)
+            try:
+                llama.install_quantized_block(block, tensors, header["transforms"], qc.bits, qc.group)
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"{bpath}: {e}; delete {partial} to start over") from None
+            block.to(dev)
+            X, _ = run_block(block, X, cos, sin, cc)
+            block.cpu()
+            site_log.update({f"layers.{l}.{k}": v for k, v in header["log"].items()})
+            continue
+        _, stats = run_block(block, X, cos, sin, cc, capture=True)
+        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l)
+        del stats
+        block.to(dev)
+        X, _ = run_block(block, X, cos, sin, cc)                        # inputs of the next block, quantized path
+        llama.write_safetensors(bpath, tensors, dict(transforms=entries, log=log))
+        block.cpu()
+        site_log.update({f"layers.{l}.{k}": v for k, v in log.items()})
+        done_now += 1
+        eta = (time.time() - t_blocks) / done_now * (args.n_layers - l - 1)
+        bar = "#" * round(20 * (l + 1) / args.n_layers)
+        sites = "  ".join(f"{k} {v['start']:.3f}->{v['final']:.3f}" if cc.rotation == "butterfly" else
+                          f"{k} {v['final']:.3f}" for k, v in log.items())
+        print(f"block {l + 1:3d}/{args.n_layers} |{bar:<20}| {sites} | {time.time() - t0:5.1f}s eta {fmt_time(eta)}",
+              file=sys.stderr, flush=True)
+    t_cal = time.time() - t_start
+
+    packed = [m for m in model.modules() if m.__class__.__name__ == "QuantLinear"]
+    numel = sum(m.in_features * m.out_features for m in packed)
+    bpw = sum(bq.stored_bits_per_weight(m.qweight, m.scales, m.zeros, 1) for m in packed) / numel
+    finals = [v["final"] for v in site_log.values()]
+    llama.save_quantized(out, model, tok, dict(bits=qc.bits, group=qc.group, sym=qc.sym), settings=sett,
+                         calib_source=source, log=site_log, bits_per_weight=round(bpw, 4),
+                         calibration_seconds=round(t_cal, 1), device=dev)
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"\nwrote {out}: {os.path.getsize(out) / 2 ** 20:.1f} MiB, {bpw:.3f} bits per packed weight "
+          f"({numel / 1e6:.1f}M weights)", file=sys.stderr)
+    print(f"calibration {fmt_time(t_cal)} on {dev}; mean relative layer loss {sum(finals) / len(finals):.4f}",
+          file=sys.stderr)
+    return dict(out=out, bits_per_weight=round(bpw, 4), calibration_seconds=round(t_cal, 1),
+                mean_layer_loss=round(sum(finals) / len(finals), 5), calib_source=source, settings=sett)
+
+
+# -----------------------------------------------------------------------------
+# the results grid, as data: (row name, settings that differ from the command line's)
+
+SWEEP_QUANT = [(2, 128), (2, 64), (3, 128), (4, 128)]
+SWEEP_ROT = [("none", {}), ("hadamard", {}), ("random", {}), ("butterfly-identity", dict(init="identity")),
+             ("butterfly-hadamard", dict(init="hadamard")), ("butterfly-best", dict(init="best")),
+             ("butterfly-best-0.1", dict(init="best", lambda_unif=0.1))]
+SWEEP = [(f"w{b}g{g}-{q}-{name}", dict(bits=b, group=g, gptq=q == "gptq", rotation=name.split("-")[0], **learn))
+         for b, g in SWEEP_QUANT for q in ("rtn", "gptq") for name, learn in SWEEP_ROT]
+
+
+def sweep_rows(only=()):
+    """The grid's rows (fp first) that `only` selects: a full row name selects itself alone
+    (w2g64-rtn-butterfly-best is not w2g64-rtn-butterfly-best-0.1); any other string matches as a substring."""
+    tags = {t for t, _ in SWEEP}
+    return [("fp", None)] + [(t, x) for t, x in SWEEP if not only or any(o == t if o in tags else o in t for o in only)]
+
+
+def sweep(cc, qc, lc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.jsonl")):
+    """Every selected row through calibrate() and the same evaluation; finished rows are kept in `path`."""
+    done = {}
+    if os.path.isfile(path):
+        for line in open(path):
+            r = json.loads(line)
+            done[r["tag"]] = r
+    for tag, row in sweep_rows(only):
+        if tag in done:
+            continue
+        if row is None:
+            model, tok = llama.load(cc.ckpt)
+            secs, bpw = 0.0, 16.0
+        else:
+            qrow = replace(qc, **{k: v for k, v in row.items() if k in ("bits", "group", "gptq")})
+            lrow = replace(lc, **{k: v for k, v in row.items() if k in ("init", "lambda_unif")})
+            res = calibrate(replace(cc, rotation=row["rotation"]), qrow, lrow,
+                            os.path.join("out", f"sweep-{tag}.safetensors"))
+            model, tok = llama.load(res["out"])
+            secs, bpw = res["calibration_seconds"], res["bits_per_weight"]
+        model.to(cc.device)
+        r = dict(tag=tag, bits_per_weight=bpw, calibration_seconds=secs, device=cc.device, nsamples=cc.nsamples,
+                 eval_limit=eval_limit)
+        for f in eval_files:
+            ids = evaluation.tokenize_corpus(tok, f)
+            r[os.path.basename(f)] = round(evaluation.perplexity(model, ids, cc.seqlen, eval_limit), 3)
+        print(json.dumps(r), flush=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        done[tag] = r
+        del model
+    names = [os.path.basename(f) for f in eval_files]
+    print("\n| config | " + " | ".join(names) + " | bits/weight | calib s |\n|---|" + "---|" * (len(names) + 2))
+    for tag, r in done.items():
+        print(f"| {tag} | " + " | ".join(str(r.get(n, "-")) for n in names) +
+              f" | {r['bits_per_weight']} | {r['calibration_seconds']} |")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
 def parse_args(argv=None):
+    """Flags -> (CalibConfig, QuantConfig, LearnConfig, the other options)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, Meta/HF directory or .gguf")
     p.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>-<settings>.safetensors)")
@@ -83,475 +353,64 @@ def parse_args(argv=None):
     p.add_argument("--sweep_only", default=None,
                    help="comma-separated sweep rows to run: full row names, or substrings such as w2g64")
     a = p.parse_args(argv)
-    if a.group == -1:
-        a.group = 0
     on_gpu = a.device.startswith("cuda")
-    if a.nsamples is None:
-        a.nsamples = 128 if on_gpu else 32
-    if a.eval_limit is None and not on_gpu:
-        a.eval_limit = 16
-    if a.eval_limit == 0:
-        a.eval_limit = None
-    try:
-        a.qcfg = bq.QuantConfig(a.bits, a.group, a.sym, not a.no_clip)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for name in ("nsamples", "seqlen", "batch_size"):
-        if getattr(a, name) < 1:
-            raise UserError(f"--{name} must be positive")
-    if a.steps < 0 or not math.isfinite(a.lr) or a.lr <= 0:
-        raise UserError("--steps must be >= 0 and --lr positive")
     if a.calib in ("wikitext2", "wikitext"):
         a.calib = os.path.join(SHARED_DATA, "wikitext103_valid.txt")
     elif a.calib == "c4":
         a.calib = os.path.join(SHARED_DATA, "c4_calib.jsonl")
-    if a.out is None:
-        tag = a.rotation if a.rotation != "butterfly" else f"bf-{a.init}"
-        a.out = os.path.join("out", f"{os.path.basename(a.ckpt.rstrip('/')).replace('.gguf', '')}-w{a.bits}g{a.group}"
-                                    f"-{tag}-{'gptq' if a.gptq else 'rtn'}"
-                                    f"{'-u' + str(a.lambda_unif) if a.lambda_unif else ''}.safetensors")
-    return a
-
-
-def settings(a):
-    """Everything that determines the result (the resume check and the file header)."""
-    keys = ["ckpt", "rotation", "init", "bits", "group", "sym", "no_clip", "gptq", "act_order", "calib", "nsamples",
-            "seqlen", "steps", "lr", "rows", "checkpoints", "optim", "lambda_unif", "unif_tokens", "seed"]
-    return {k: getattr(a, k) for k in keys}
-
-
-# -----------------------------------------------------------------------------
-# calibration data
-
-def calibration_samples(a, model, tok):
-    """nsamples random windows of seqlen tokens from the calibration text (seeded), shape (N, T)."""
-    path = a.calib
-    if path is None and os.path.isfile(os.path.join(SHARED_DATA, "wikitext103_valid.txt")):
-        path = os.path.join(SHARED_DATA, "wikitext103_valid.txt")
-    g = torch.Generator().manual_seed(a.seed)
-    if path is None:
-        return data_free_samples(a, model, tok, g)
-    ids = evaluation.tokenize_corpus(tok, path)
-    if ids.numel() and ids.max() >= model.args.vocab_size:
-        raise UserError(f"the tokenizer produces id {int(ids.max())}, beyond the model's vocabulary ({model.args.vocab_size})")
-    if ids.numel() <= a.seqlen:
-        raise UserError(f"{path}: {ids.numel()} tokens, fewer than one sample of --seqlen {a.seqlen}")
-    starts = torch.randint(0, ids.numel() - a.seqlen, (a.nsamples,), generator=g)
-    a.calib_source = f"{os.path.basename(path)} ({ids.numel()} tokens)"
-    return torch.stack([ids[s:s + a.seqlen] for s in starts.tolist()])
-
-
-def data_free_samples(a, model, tok, g):
-    """No calibration text: sample it from the model itself (LLM-QAT's data-free calibration)."""
-    print(f"no calibration text given or found: sampling {a.nsamples} x {a.seqlen} tokens from the model "
-          f"(data-free calibration, slow on CPU)", file=sys.stderr)
-    a.calib_source = "data-free (sampled from the model)"
-    out = []
-    for i in range(a.nsamples):
-        first = int(torch.randint(0, tok.n_vocab, (1,), generator=g)) if tok.bos_id is None else tok.bos_id
-        seq = [first] + model.generate([first], a.seqlen - 1, temperature=1.0, top_p=1.0, seed=a.seed + i)
-        out.append(torch.tensor((seq + seq * a.seqlen)[: a.seqlen]))   # stopped early (EOS): repeat
-    return torch.stack(out)
-
-
-# -----------------------------------------------------------------------------
-# per-block steps
-
-@torch.no_grad()
-def run_block(block, X, cos, sin, a, capture=False):
-    """X (N, T, dim) on CPU -> block(X). capture: also H = sum x x^T / count and token subsamples per site."""
-    dev = a.device
-    stats, hooks = {}, []
-    if capture:
-        g = torch.Generator().manual_seed(a.seed + 7)
-        for slot, linears in SITES:
-            lin = block.get_submodule(linears[0])
-            n = lin.in_features
-            st = stats[slot] = dict(H=torch.zeros(n, n, dtype=torch.float64, device=dev), count=0, sub=[])
-
-            def hook(mod, inp, st=st):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-                st["H"] += (x.T @ x).double()
-                st["count"] += x.shape[0]
-                k = max(1, a.unif_tokens * x.shape[0] // (a.nsamples * a.seqlen))
-                st["sub"].append(x[torch.randint(0, x.shape[0], (k,), generator=g).to(dev)].float().cpu())
-            hooks.append(lin.register_forward_pre_hook(hook))
-    out = torch.empty_like(X)
+    cc = CalibConfig(a.ckpt, a.rotation, a.calib, a.nsamples or (128 if on_gpu else 32), a.seqlen, a.seed,
+                     a.unif_tokens, a.batch_size, a.device)
+    for name in ("nsamples", "seqlen", "batch_size"):
+        if getattr(cc, name) < 1:
+            raise UserError(f"--{name} must be positive")
     try:
-        for i in range(0, X.shape[0], a.batch_size):
-            out[i:i + a.batch_size] = block(X[i:i + a.batch_size].to(dev), cos, sin).cpu()
-    finally:
-        for h in hooks:
-            h.remove()
-    if not torch.isfinite(out).all():
-        raise UserError("non-finite activations (NaN/inf) in the calibration forward pass: check the checkpoint")
-    for st in stats.values():
-        st["H"] = (st["H"] / st["count"]).float()
-        st["sub"] = torch.cat(st["sub"])[: a.unif_tokens].to(dev)
-    return out, stats
-
-
-def rel_loss(W, What, M, H, base):
-    """trace(E H E^T) / trace(W H W^T),  E = W - What M."""
-    return bq.recon_loss_trace(W, What, M, H) / base
-
-
-def final_quantize(W, H, M, a):
-    """The quantizer the file will hold, on the rotated weights: GPTQ on T H T^T, or RTN with clip search."""
-    Wr = W @ M.T
-    if a.gptq:
-        return bq.gptq(Wr, M @ H @ M.T, a.qcfg, act_order=a.act_order)
-    return bq.quantize(Wr, a.qcfg)
-
-
-def scored(W, H, M, a, base):
-    """(relative loss under the final quantizer, its (q, scale, zero))."""
-    with torch.no_grad():
-        qsz = final_quantize(W, H, M, a)
-        return rel_loss(W, bq.dequantize(*qsz, a.group), M, H, base).item(), qsz
-
-
-def learn_butterfly(W, H, base, Xu, a, site_seed):
-    """Minimise the layer loss over the transform's angles (and K x K factor) with the straight-through RTN
-    quantizer. The STE gradient is noisy and RTN is not the final quantizer, so iterates are scored with the
-    final one (GPTQ or clipped RTN) `--checkpoints` times and the best is kept, the start included: learning
-    never ends worse than its start. Returns (Transform, start loss, best loss, best (q, scale, zero))."""
-    n = W.shape[1]
-    g = torch.Generator(device=W.device).manual_seed(site_seed)
-
-    def make(init):
-        return bq.Transform(n, init, torch.Generator().manual_seed(site_seed)).to(W.device)
-
-    if a.init == "best":    # the butterfly contains both identity and (a) Hadamard: start from the better
-        cands = [make("identity"), make("hadamard")]
-        scores = [scored(W, H, t.matrix().detach(), a, base) for t in cands]
-        i = min(range(2), key=lambda j: scores[j][0])
-        T, (start, best_q) = cands[i], scores[i]
-    else:
-        T = make(a.init)
-        start, best_q = scored(W, H, T.matrix().detach(), a, base)
-    best, best_state = start, copy.deepcopy(T.state_dict())
-    def loss_of(T, rows=None):
-        """trace(E H E^T) / trace(W H W^T) on a subset of rows; the transform acts on rows in its fast form:
-        Q(W T^T) has rows Q(T w), and E = W - Q(W T^T) T has rows w - T^T q."""
-        Ws = W if rows is None else W[rows]
-        Wq = bq.fake_quant_ste(T(Ws), a.qcfg)
-        E = Ws - T.transpose(Wq)
-        rec = ((E @ H) * E).sum() / (base * Ws.shape[0] / W.shape[0])
-        if a.lambda_unif:
-            return rec + a.lambda_unif * bq.uniformity_loss(T(Xu), a.bits)
-        return rec
-
-    params = list(T.parameters())
-    opt = (torch.optim.SGD(params, lr=a.lr, momentum=0.9) if a.optim == "sgd" else torch.optim.Adam(params, lr=a.lr))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, a.steps))
-    every = max(1, a.steps // max(1, a.checkpoints))
-    for step in range(1, a.steps + 1):
-        rows = None
-        if a.rows and W.shape[0] > a.rows:   # a random subset of output rows per step: the loss is a sum over rows
-            rows = torch.randperm(W.shape[0], generator=g, device=W.device)[: a.rows]
-        loss = loss_of(T, rows)
-        if not torch.isfinite(loss):
-            raise UserError(f"NaN/inf loss at step {step} while learning a butterfly: lower --lr (now {a.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % every == 0 or step == a.steps:
-            score, qsz = scored(W, H, T.matrix().detach(), a, base)
-            if score < best:
-                best, best_state, best_q = score, copy.deepcopy(T.state_dict()), qsz
-    T.load_state_dict(best_state)
-    return T, start, best, best_q
-
-
-def quantize_site(block, slot, linears, st, a, site_seed):
-    """Choose T for one site, quantize Q(W T^T) for each of its linears, install QuantLinear + OnlineTransform.
-    Returns (header entry for the transform or None, relative loss before learning, after quantization)."""
-    dev = a.device
-    Ws = [block.get_submodule(l).weight.detach().to(dev, torch.float32) for l in linears]
-    W = torch.cat(Ws)                          # (sum of outs, n): linears sharing an input share T
-    n = W.shape[1]
-    H = st["H"]
-    base = ((W @ H) * W).sum()          # trace(W H W^T): the loss of quantizing everything to zero
-    entry, first = None, float("nan")
-    if a.rotation == "butterfly":
-        T, first, after, (q, s, z) = learn_butterfly(W, H, base, st["sub"], a, site_seed)
-        entry = dict(n=n, dense=False, K=T.K, m=T.m,
-                     theta=T.butterfly.theta.detach().cpu(), Q=T.q().detach().cpu() if T.K > 1 else None)
-    else:
-        if a.rotation == "none":
-            M = torch.eye(n, device=dev)
-        else:
-            M = fixed_matrix(n, a.rotation, site_seed).to(dev)
-            entry = dict(n=n, dense=True, kind=a.rotation, seed=site_seed)
-        after, (q, s, z) = scored(W, H, M, a, base)
-    row = 0
-    for name, Wl in zip(linears, Ws):
-        out_f = Wl.shape[0]
-        ql = QuantLinear(n, out_f, a.bits, a.group).to(dev)
-        ql.qweight.copy_(bq.pack(q[row:row + out_f], a.bits))
-        ql.scales.copy_(s[row:row + out_f].half())
-        ql.zeros.copy_(z[row:row + out_f].half())
-        parent, child = name.rsplit(".", 1)
-        setattr(block.get_submodule(parent), child, ql)
-        row += out_f
-    if entry is not None:
-        install_transform(block, slot, entry, dev)
-    return entry, first, after
-
-
-def install_transform(block, slot, entry, dev):
-    t = OnlineTransform(entry["n"], entry.get("K", 1), entry.get("m"), entry["dense"]).to(dev)
-    if entry["dense"]:
-        t.M.copy_(fixed_matrix(entry["n"], entry["kind"], entry["seed"]))
-    else:
-        t.theta.copy_(entry["theta"])
-        if entry["K"] > 1:
-            t.Q.copy_(entry["Q"])
-    parent, child = slot.rsplit(".", 1)
-    setattr(block.get_submodule(parent), child, t)
-
-
-def header_entry(entry):
-    return {k: v for k, v in entry.items() if k not in ("theta", "Q")}
-
-
-# -----------------------------------------------------------------------------
-# files: atomic writes, per-block partial results for resuming
-
-def save_atomic(tensors, header, path):
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"butterflyquant": json.dumps(header)})
-    os.replace(tmp, path)
-
-
-def block_tensors(block, prefix):
-    """What a finished block stores: packed linears, angles / Q, norms (fixed matrices are rebuilt from seeds)."""
-    return {f"{prefix}.{k}": v.detach().cpu() for k, v in block.state_dict().items() if not k.endswith(".M")}
-
-
-def load_partial_block(block, prefix, path, dev, a):
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["butterflyquant"])
-        sd = {k[len(prefix) + 1:]: f.get_tensor(k) for k in f.keys()}
-    for slot, linears in SITES:
-        for name in linears:
-            lin = block.get_submodule(name)
-            parent, child = name.rsplit(".", 1)
-            setattr(block.get_submodule(parent), child, QuantLinear(lin.in_features, lin.out_features, a.bits, a.group))
-        e = meta["transforms"].get(slot)
-        if e is not None:
-            if not e["dense"]:
-                e = dict(e, theta=sd[f"{slot}.theta"], Q=sd.get(f"{slot}.Q"))
-            install_transform(block, slot, e, dev)
-    block.to(dev)
-    block.load_state_dict(sd, strict=False)
-    return meta
-
-
-def fmt_time(s):
-    return f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-# -----------------------------------------------------------------------------
-
-def calibrate(a):
-    torch.manual_seed(a.seed)
-    t_start = time.time()
-    if a.calib is not None and not os.path.isfile(a.calib):
-        raise UserError(f"calibration file not found: {a.calib}")
-    model, tok = llama.load(a.ckpt)
-    if tok is None:
-        raise UserError(f"{a.ckpt}: no tokenizer found beside the checkpoint")
-    args = model.args
-    eval_files = a.eval_data if a.eval_data is not None else (
-        [os.path.join(SHARED_DATA, "wikitext2_test.txt")] if os.path.isdir(SHARED_DATA) else [])
-    if not a.no_eval:
-        for path in eval_files:
-            evaluation.read_corpus(path)        # fail now, not after calibrating
-    samples = calibration_samples(a, model, tok)                       # (N, T)
-    partial = a.out + ".partial"
-    sett = settings(a)
-    if os.path.isdir(partial):
-        old = json.load(open(os.path.join(partial, "settings.json")))
-        if old != sett:
-            raise UserError(f"{partial} holds a run with other settings; delete it or rerun with the same arguments")
-        print(f"resuming from {partial}", file=sys.stderr)
-    else:
-        os.makedirs(partial)
-        with open(os.path.join(partial, "settings.json.tmp"), "w") as f:
-            json.dump(sett, f)
-        os.replace(os.path.join(partial, "settings.json.tmp"), os.path.join(partial, "settings.json"))
-
-    dev = a.device
-    print(f"calibrating {a.ckpt}: {args.n_layers} blocks, dim {args.dim}, ffn {args.hidden_dim} | W{a.bits} "
-          f"g{a.group}{' sym' if a.sym else ''} {'GPTQ' if a.gptq else 'RTN'}{'' if a.no_clip else '+clip'} | "
-          f"rotation {a.rotation}{'(' + a.init + ')' if a.rotation == 'butterfly' else ''} | "
-          f"{a.nsamples}x{a.seqlen} tokens of {a.calib_source} | {dev}", file=sys.stderr)
-    with torch.no_grad():
-        X = model.tok_embeddings(samples).float()                       # (N, T, dim) on CPU
-    cos, sin = model.rope(0, a.seqlen, dev)
-    transforms, site_log = {}, {}
-    t_blocks = time.time()
-    done_now = 0
-    for l, block in enumerate(model.layers):
-        prefix = f"layers.{l}"
-        bpath = os.path.join(partial, f"block_{l:03d}.safetensors")
-        t0 = time.time()
-        if os.path.isfile(bpath):       # finished in an earlier run: rebuild it and move on
-            meta = load_partial_block(block, prefix, bpath, dev, a)
-            X, _ = run_block(block, X, cos, sin, a)
-            block.cpu()
-            transforms.update({f"{prefix}.{k}": v for k, v in meta["transforms"].items()})
-            site_log.update(meta["log"])
-            continue
-        block.to(dev, torch.float32)
-        _, stats = run_block(block, X, cos, sin, a, capture=True)
-        entries, log = {}, {}
-        for s_i, (slot, linears) in enumerate(SITES):
-            site_seed = a.seed * 1000003 + 4 * l + s_i
-            entry, first, after = quantize_site(block, slot, linears, stats[slot], a, site_seed)
-            if entry is not None:
-                entries[slot] = entry
-            log[f"{prefix}.{SHORT[slot]}"] = dict(start=round(first, 5), final=round(after, 5))
-        del stats
-        X, _ = run_block(block, X, cos, sin, a)                         # inputs of the next block, quantized path
-        save_atomic(block_tensors(block, prefix),
-                    dict(transforms={k: header_entry(v) for k, v in entries.items()}, log=log), bpath)
-        block.cpu()
-        transforms.update({f"{prefix}.{k}": header_entry(v) for k, v in entries.items()})
-        site_log.update(log)
-        done_now += 1
-        el = time.time() - t_blocks
-        eta = el / done_now * (args.n_layers - l - 1)
-        bar = "#" * round(20 * (l + 1) / args.n_layers)
-        sites = "  ".join(f"{SHORT[s]} {log[f'{prefix}.{SHORT[s]}']['start']:.3f}->{log[f'{prefix}.{SHORT[s]}']['final']:.3f}"
-                          if a.rotation == "butterfly" else f"{SHORT[s]} {log[f'{prefix}.{SHORT[s]}']['final']:.3f}"
-                          for s, _ in SITES)
-        print(f"block {l + 1:3d}/{args.n_layers} |{bar:<20}| {sites} | {time.time() - t0:5.1f}s eta {fmt_time(eta)}",
-              file=sys.stderr, flush=True)
-    t_cal = time.time() - t_start
-
-    # the file: packed blocks + fp tensors + tokenizer + header
-    tensors = {}
-    for l, block in enumerate(model.layers):
-        tensors.update(block_tensors(block, f"layers.{l}"))
-    tensors["tok_embeddings.weight"] = model.tok_embeddings.weight.detach().float()
-    tensors["norm.weight"] = model.norm.weight.detach().float()
-    if not args.tie_embeddings:
-        tensors["output.weight"] = model.output.weight.detach().float()
-    tensors["tokenizer.blob"] = torch.frombuffer(bytearray(tok.blob), dtype=torch.uint8)
-    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    numel = sum(m.in_features * m.out_features for m in packed)
-    bpw = sum(m.qweight.numel() * 32 + (m.scales.numel() + m.zeros.numel()) * 16 for m in packed) / numel
-    header = dict(format="butterflyquant-1", config=asdict(args), tokenizer=tok.kind,
-                  quant=dict(bits=a.bits, group=a.group, sym=a.sym), transforms=transforms, settings=sett,
-                  calib_source=a.calib_source, log=site_log, bits_per_weight=round(bpw, 4),
-                  calibration_seconds=round(t_cal, 1), device=dev)
-    save_atomic(tensors, header, a.out)
-    shutil.rmtree(partial, ignore_errors=True)
-
-    finals = [v["final"] for v in site_log.values()]
-    print(f"\nwrote {a.out}: {os.path.getsize(a.out) / 2 ** 20:.1f} MiB, {bpw:.3f} bits per packed weight "
-          f"({numel / 1e6:.1f}M weights)", file=sys.stderr)
-    print(f"calibration {fmt_time(t_cal)} on {dev}; mean relative layer loss {sum(finals) / len(finals):.4f}",
-          file=sys.stderr)
-    results = dict(out=a.out, bits_per_weight=round(bpw, 4), calibration_seconds=round(t_cal, 1),
-                   mean_layer_loss=round(sum(finals) / len(finals), 5), settings=sett)
-    if not a.no_eval and eval_files:
-        fp_model, _ = llama.load(a.ckpt)
-        qmodel, qtok = llama.load(a.out)                # the saved file, through the real loading path
-        fp_model.to(dev)
-        qmodel.to(dev)
-        for path in eval_files:
-            ids = evaluation.tokenize_corpus(qtok, path)
-            fp = evaluation.perplexity(fp_model, ids, a.seqlen, a.eval_limit)
-            qp = evaluation.perplexity(qmodel, ids, a.seqlen, a.eval_limit)
-            nwin = min(ids.numel() // a.seqlen, a.eval_limit or 10 ** 9)
-            name = os.path.basename(path)
-            print(f"{name}: perplexity {qp:.3f} quantized vs {fp:.3f} unquantized ({nwin} windows of {a.seqlen})",
-                  file=sys.stderr)
-            results[f"ppl_{name}"] = round(qp, 4)
-            results[f"fp_ppl_{name}"] = round(fp, 4)
-            results["eval_windows"] = nwin
-    print(json.dumps(results))
-    return results
-
-
-# -----------------------------------------------------------------------------
-# the results table:  python calibrate.py --sweep   (resumable: finished rows are kept in out/sweep.jsonl)
-
-SWEEP_QUANT = [(2, 128), (2, 64), (3, 128), (4, 128)]
-SWEEP_ROT = [("none", []), ("hadamard", []), ("random", []), ("butterfly", ["--init", "identity"]),
-             ("butterfly", ["--init", "hadamard"]), ("butterfly", ["--init", "best"]),
-             ("butterfly", ["--init", "best", "--lambda_unif", "0.1"])]
-
-
-def sweep_rows(only=()):
-    """[(tag, extra calibrate.py flags)], the fp row first. `only`: full row names match themselves alone
-    (w2g64-rtn-butterfly-best is not w2g64-rtn-butterfly-best-0.1), any other string matches as a substring."""
-    rows = [("fp", None)] + [(f"w{b}g{g}-{q}-{rot}{'-' + '-'.join(x[1::2]) if x else ''}",
-                              ["--bits", str(b), "--group", str(g), "--" + q, "--rotation", rot, *x])
-                             for b, g in SWEEP_QUANT for q in ("rtn", "gptq") for rot, x in SWEEP_ROT]
-    tags = {t for t, _ in rows}
-    return [(t, x) for t, x in rows if not only or t == "fp" or any(o == t if o in tags else o in t for o in only)]
-
-
-def sweep(argv):
-    """Every (bits, group) x {RTN, GPTQ} x rotation through the same code path; ppl on every eval file."""
-    a = parse_args(argv)
-    only = [t for t in (a.sweep_only or "").split(",") if t]
-    path = os.path.join("out", "sweep.jsonl")
-    os.makedirs("out", exist_ok=True)
-    done = {}
-    if os.path.isfile(path):
-        for line in open(path):
-            r = json.loads(line)
-            done[r["tag"]] = r
-    eval_files = a.eval_data if a.eval_data is not None else [os.path.join(SHARED_DATA, f) for f in
-                                                              ("wikitext2_test.txt", "c4_eval.jsonl")]
-    for tag, extra in sweep_rows(only):
-        if tag in done:
-            continue
-        if tag == "fp":
-            model, tok = llama.load(a.ckpt)
-            secs, bpw = 0.0, 16.0
-        else:
-            out = os.path.join("out", f"sweep-{tag}.safetensors")
-            keep = [x for x in argv if x != "--sweep"]
-            res = main(keep + extra + ["--out", out, "--no_eval"])
-            model, tok = llama.load(out)
-            secs, bpw = res["calibration_seconds"], res["bits_per_weight"]
-        model.to(a.device)
-        r = dict(tag=tag, bits_per_weight=bpw, calibration_seconds=secs, device=a.device, nsamples=a.nsamples,
-                 eval_limit=a.eval_limit)
-        for f in eval_files:
-            ids = evaluation.tokenize_corpus(tok, f)
-            r[os.path.basename(f)] = round(evaluation.perplexity(model, ids, a.seqlen, a.eval_limit), 3)
-        print(json.dumps(r), flush=True)
-        with open(path, "a") as fh:
-            fh.write(json.dumps(r) + "\n")
-        done[tag] = r
-        del model
-    names = [os.path.basename(f) for f in eval_files]
-    print("\n| config | " + " | ".join(names) + " | bits/weight | calib s |\n|---|" + "---|" * (len(names) + 2))
-    for tag, r in done.items():
-        print(f"| {tag} | " + " | ".join(str(r.get(n, "-")) for n in names) +
-              f" | {r['bits_per_weight']} | {r['calibration_seconds']} |")
+        qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
+        lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if a.out is None:
+        tag = cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}"
+        a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
+                                    f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
+                                    f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}.safetensors")
+    eval_limit = a.eval_limit if a.eval_limit is not None else (None if on_gpu else 16)
+    opts = dict(out=a.out, eval_data=a.eval_data, eval_limit=eval_limit or None, no_eval=a.no_eval,
+                sweep=a.sweep, sweep_only=[t for t in (a.sweep_only or "").split(",") if t])
+    return cc, qc, lc, opts
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "--sweep" in argv:
-        return sweep(argv)
-    a = parse_args(argv)
-    if not os.path.exists(a.ckpt) and a.ckpt not in llama.NAMED:
-        llama.resolve_ckpt(a.ckpt)     # one clear line for an unknown name
-    return calibrate(a)
+    cc, qc, lc, o = parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.exists(cc.ckpt) and cc.ckpt not in llama.NAMED:
+        llama.resolve_ckpt(cc.ckpt)     # one clear line for an unknown name
+    if cc.calib is not None and not os.path.isfile(cc.calib):
+        raise UserError(f"calibration file not found: {cc.calib}")
+    if o["sweep"]:
+        files = o["eval_data"] if o["eval_data"] is not None else [
+            os.path.join(SHARED_DATA, f) for f in ("wikitext2_test.txt", "c4_eval.jsonl")]
+        return sweep(cc, qc, lc, o["sweep_only"], files, o["eval_limit"])
+    files = o["eval_data"] if o["eval_data"] is not None else (
+        [os.path.join(SHARED_DATA, "wikitext2_test.txt")] if os.path.isdir(SHARED_DATA) else [])
+    if not o["no_eval"]:
+        for path in files:
+            evaluation.read_corpus(path)        # fail now, not after calibrating
+    res = calibrate(cc, qc, lc, o["out"])
+    if not o["no_eval"] and files:
+        fp_model, _ = llama.load(cc.ckpt)
+        qmodel, qtok = llama.load(o["out"])             # the saved file, through the real loading path
+        fp_model.to(cc.device)
+        qmodel.to(cc.device)
+        for path in files:
+            ids = evaluation.tokenize_corpus(qtok, path)
+            fp = evaluation.perplexity(fp_model, ids, cc.seqlen, o["eval_limit"])
+            qp = evaluation.perplexity(qmodel, ids, cc.seqlen, o["eval_limit"])
+            nwin = min(ids.numel() // cc.seqlen, o["eval_limit"] or 10 ** 9)
+            name = os.path.basename(path)
+            print(f"{name}: perplexity {qp:.3f} quantized vs {fp:.3f} unquantized ({nwin} windows of {cc.seqlen})",
+                  file=sys.stderr)
+            res[f"ppl_{name}"], res[f"fp_ppl_{name}"], res["eval_windows"] = round(qp, 4), round(fp, 4), nwin
+    print(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":

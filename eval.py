@@ -1,9 +1,15 @@
 """
+Quality and speed of a checkpoint or a calibrated file.
+
 Perplexity in the GPTQ/QuaRot protocol: the corpus joined with "\n\n", tokenized once without BOS, cut into
-numel // seqlen windows of seqlen tokens, ppl = exp(mean next-token NLL over all windows).
+numel // seqlen windows of seqlen tokens, ppl = exp(mean next-token NLL over all windows). KL divergence against
+a reference model on the same windows, as llama.cpp's --kl-divergence reports it: mean KL(ref || model) of the
+next-token distributions, its 99th percentile, and the top-1 agreement. KL is paired per token, so it separates
+two quantizations with fewer windows than perplexity does.
 
     python eval.py --ckpt smollm2-135m --data ../shared/data/wikitext2_test.txt           # 148 windows: 21.63
-    python eval.py --ckpt out/smollm2-135m-w3g128.safetensors --data ../shared/data/c4_eval.jsonl --limit 8
+    python eval.py --ckpt out/FILE.safetensors --ref smollm2-135m --data ../shared/data/c4_eval.jsonl --limit 8
+    python eval.py --ckpt out/FILE.safetensors --speed                # decode tokens/s, beside the fp model's
 """
 import argparse
 import json
@@ -37,36 +43,100 @@ def tokenize_corpus(tok, path):
     return torch.tensor(tok.encode(read_corpus(path)), dtype=torch.long)
 
 
-@torch.no_grad()
-def perplexity(model, ids, seqlen=2048, limit=None, batch_size=1, progress=False):
-    """exp( sum of NLL over every next-token prediction inside each window / their count )."""
+def windows(ids, seqlen, limit=None):
+    """(n, seqlen) non-overlapping windows from the start of the token stream; limit: the first n only."""
     n = ids.numel() // seqlen
     if n == 0:
         raise UserError(f"corpus has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    if limit:
-        n = min(n, limit)
-    windows = ids[: n * seqlen].view(n, seqlen)
+    n = min(n, limit) if limit else n
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def _progress(i, n, t0, what):
+    """One self-overwriting line on a terminal; nothing when stderr is a file or a pipe."""
+    if sys.stderr.isatty():
+        print(f"\r  window {i}/{n}  {what}  eta {(time.time() - t0) / i * (n - i):.0f}s", end="\n" if i == n else "",
+              file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def token_nll(model, ids, seqlen=2048, limit=None, batch_size=1, progress=False):
+    """Next-token negative log-likelihood of every prediction inside every window: (n * (seqlen - 1),) float64."""
+    win = windows(ids, seqlen, limit)
     dev = next(model.parameters()).device
-    nll, count, t0 = 0.0, 0, time.time()
-    for i in range(0, n, batch_size):
-        x = windows[i:i + batch_size].to(dev)
-        logits = model(x)
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
-        count += x[:, 1:].numel()
-        if not math.isfinite(nll):
+    out, t0 = [], time.time()
+    for i in range(0, len(win), batch_size):
+        x = win[i:i + batch_size].to(dev)
+        logits = model(x)[:, :-1].float()
+        out.append(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").double().cpu())
+        if not torch.isfinite(out[-1]).all():
             raise UserError("the model produced a non-finite loss (NaN/inf logits)")
         if progress:
-            done = min(i + batch_size, n)
-            eta = (time.time() - t0) / done * (n - done)
-            print(f"\r  window {done}/{n}  ppl {math.exp(nll / count):.3f}  eta {eta:.0f}s", end="", file=sys.stderr)
-    if progress:
-        print(file=sys.stderr)
-    return math.exp(nll / count)
+            done = min(i + batch_size, len(win))
+            _progress(done, len(win), t0, f"ppl {math.exp(torch.cat(out).mean()):.3f}")
+    return torch.cat(out)
+
+
+def perplexity(model, ids, seqlen=2048, limit=None, batch_size=1, progress=False):
+    """exp( sum of NLL over every next-token prediction inside each window / their count )."""
+    return math.exp(token_nll(model, ids, seqlen, limit, batch_size, progress).mean())
+
+
+def ppl_and_error(nll):
+    """(perplexity, its standard error): exp(mean) with the delta method, se(ppl) = ppl * std(nll) / sqrt(N).
+    Tokens inside a window are not independent, so this understates the spread; it is llama.cpp's estimate."""
+    ppl = math.exp(nll.mean())
+    return ppl, ppl * nll.std().item() / math.sqrt(nll.numel())
+
+
+@torch.no_grad()
+def compare(ref, model, ids, seqlen=2048, limit=None, progress=False):
+    """Both models on the same windows, one window at a time. KL(ref || model) per token
+    = sum_v p_ref(v) (log p_ref(v) - log p_model(v)); top-1 agreement: argmax_v equal. Returns a dict."""
+    win = windows(ids, seqlen, limit)
+    dev_r, dev_m = next(ref.parameters()).device, next(model.parameters()).device
+    kl, agree, nll_r, nll_m, t0 = [], [], [], [], time.time()
+    for i, x in enumerate(win):
+        lr = F.log_softmax(ref(x[None].to(dev_r))[0, :-1].float(), -1).cpu()           # (T-1, vocab)
+        lm = F.log_softmax(model(x[None].to(dev_m))[0, :-1].float(), -1).cpu()
+        if not (torch.isfinite(lr).all() and torch.isfinite(lm).all()):
+            raise UserError("a model produced non-finite logits (NaN/inf)")
+        kl.append((lr.exp() * (lr - lm)).sum(-1).clamp_min(0).double())
+        agree.append((lr.argmax(-1) == lm.argmax(-1)).double())
+        y = x[1:, None]
+        nll_r.append(-lr.gather(-1, y)[:, 0].double())
+        nll_m.append(-lm.gather(-1, y)[:, 0].double())
+        if progress:
+            _progress(i + 1, len(win), t0, f"KL {torch.cat(kl).mean():.4f}")
+    kl, agree, nll_r, nll_m = (torch.cat(t) for t in (kl, agree, nll_r, nll_m))
+    se = lambda t: t.std().item() / math.sqrt(t.numel())        # noqa: E731
+    (ppl, ppl_se), (ref_ppl, ref_ppl_se) = ppl_and_error(nll_m), ppl_and_error(nll_r)
+    return dict(windows=len(win), tokens=kl.numel(), ppl=ppl, ppl_se=ppl_se, ref_ppl=ref_ppl, ref_ppl_se=ref_ppl_se,
+                kl=kl.mean().item(), kl_se=se(kl), kl_p99=torch.quantile(kl.float(), 0.99).item(),
+                top1=agree.mean().item(), top1_se=se(agree))
+
+
+# -----------------------------------------------------------------------------
+# speed: greedy decode with the KV cache, batch 1
+
+@torch.no_grad()
+def decode_speed(model, prompt_len=16, tokens=128):
+    """Decoded tokens per second (greedy, KV cache, batch 1) after one warm-up; prompt: token ids 1..prompt_len."""
+    dev = next(model.parameters()).device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    ids = list(range(1, prompt_len + 1))
+    model.generate(ids, 8, temperature=0)
+    sync()
+    t0 = time.perf_counter()
+    out = model.generate(ids, tokens, temperature=0)
+    sync()
+    return len(out) / (time.perf_counter() - t0)
 
 
 def main():
-    p = argparse.ArgumentParser(description="Perplexity (GPTQ/QuaRot protocol) of a checkpoint or calibrated file.")
+    p = argparse.ArgumentParser(description="Perplexity, KL divergence and decode speed of a checkpoint or calibrated file.")
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, directory, .gguf or calibrated .safetensors")
+    p.add_argument("--ref", default=None, help="reference checkpoint for KL divergence and top-1 agreement")
     p.add_argument("--data", nargs="+", default=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
                                                               "data", "wikitext2_test.txt")])
     p.add_argument("--seqlen", type=int, default=2048)
@@ -75,25 +145,49 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="append a JSON line of results to this file")
+    p.add_argument("--speed", action="store_true", help="decode tokens/s instead of quality; a calibrated file is "
+                                                       "timed beside the checkpoint it was made from")
+    p.add_argument("--tokens", type=int, default=128, help="tokens to decode for --speed")
     a = p.parse_args()
+    dtype = getattr(torch, a.dtype)
     model, tok = llama.load(a.ckpt)
     if tok is None:
         raise UserError(f"{a.ckpt}: no tokenizer found beside the checkpoint")
-    model.to(a.device, getattr(torch, a.dtype))
-    for path in a.data:
-        ids = tokenize_corpus(tok, path)
-        t0 = time.time()
-        ppl = perplexity(model, ids, a.seqlen, a.limit, a.batch_size, progress=sys.stderr.isatty())
-        n = ids.numel() // a.seqlen if not a.limit else min(a.limit, ids.numel() // a.seqlen)
-        res = dict(ckpt=a.ckpt, data=os.path.basename(path), seqlen=a.seqlen, windows=n, ppl=round(ppl, 4),
-                   dtype=a.dtype, seconds=round(time.time() - t0, 1))
-        print(f"{os.path.basename(path)}: ppl {ppl:.4f} ({n} windows of {a.seqlen})")
-        line = json.dumps(res)
+    model.to(a.device, dtype)
+    results = []
+    if a.speed:
+        pairs = [(a.ckpt, model)]
+        if a.ckpt.endswith(".safetensors"):
+            src = llama.read_safetensors(a.ckpt)[0].get("settings", {}).get("ckpt")
+            if src:
+                pairs.insert(0, (src, llama.load(src)[0].to(a.device, dtype)))
+        for name, m in pairs:
+            tps = decode_speed(m, tokens=a.tokens)
+            print(f"{name}: {tps:.1f} tokens/s ({a.dtype}, {a.device}, greedy, batch 1)")
+            results.append(dict(ckpt=name, tokens_per_s=round(tps, 2), dtype=a.dtype, device=a.device))
+    else:
+        ref = llama.load(a.ref)[0].to(a.device, dtype) if a.ref else None
+        for path in a.data:
+            ids = tokenize_corpus(tok, path)
+            t0 = time.time()
+            if ref is None:
+                ppl, se = ppl_and_error(token_nll(model, ids, a.seqlen, a.limit, a.batch_size, progress=True))
+                res = dict(ppl=round(ppl, 4), ppl_se=round(se, 4), windows=len(windows(ids, a.seqlen, a.limit)))
+                print(f"{os.path.basename(path)}: ppl {ppl:.4f} ± {se:.4f} ({res['windows']} windows of {a.seqlen})")
+            else:
+                res = {k: round(v, 6) if isinstance(v, float) else v
+                       for k, v in compare(ref, model, ids, a.seqlen, a.limit, progress=True).items()}
+                print(f"{os.path.basename(path)}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} (reference "
+                      f"{res['ref_ppl']:.4f}), KL {res['kl']:.5f} ± {res['kl_se']:.5f}, KL p99 {res['kl_p99']:.4f}, "
+                      f"top-1 agreement {100 * res['top1']:.2f}% ({res['windows']} windows of {a.seqlen})")
+            results.append(dict(ckpt=a.ckpt, ref=a.ref, data=os.path.basename(path), seqlen=a.seqlen, dtype=a.dtype,
+                                seconds=round(time.time() - t0, 1), **res))
+    for r in results:
         if a.out:
             with open(a.out, "a") as f:
-                f.write(line + "\n")
+                f.write(json.dumps(r) + "\n")
         else:
-            print(line)
+            print(json.dumps(r))
 
 
 if __name__ == "__main__":

@@ -484,17 +484,30 @@ def qmatmul(x, words, scales, zeros, bits, group, out_features, in_features, pre
 # modules that llama.py swaps in
 
 class QuantLinear(nn.Module):
-    """y = x @ (s * (q - z))^T from packed integers; the weight is never stored in floating point (prefill on a
-    GPU dequantizes a temporary copy, see qmatmul_triton)."""
+    """y = x @ (s * (q - z))^T from packed integers (butterflyquant.pack): the weight is never stored in floating
+    point (prefill on a GPU dequantizes a temporary copy, see qmatmul_triton). Built from the packed stream, the
+    fp16 scales and zeros (out, groups) and the shape; `from_integers` packs integer weights first."""
 
-    def __init__(self, in_features, out_features, bits, group):
+    def __init__(self, qweight, scales, zeros, bits, group, in_features, out_features):
         super().__init__()
-        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
         G = bq.ngroups(in_features, group)
-        self.register_buffer("qweight", torch.zeros(-(-out_features * in_features * bits // 32), dtype=torch.int32))
-        self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(out_features, G, dtype=torch.float16))
+        words = -(-out_features * in_features * bits // 32)
+        if (qweight.dtype != torch.int32 or tuple(qweight.shape) != (words,) or
+                any(t.dtype != torch.float16 or tuple(t.shape) != (out_features, G) for t in (scales, zeros))):
+            raise ValueError(f"packed tensors do not fit a {out_features} x {in_features} W{bits} g{group} linear: "
+                             f"qweight {qweight.dtype} {tuple(qweight.shape)} (want int32 ({words},)), scales "
+                             f"{scales.dtype} {tuple(scales.shape)}, zeros {zeros.dtype} {tuple(zeros.shape)} "
+                             f"(want float16 ({out_features}, {G}))")
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
         self.pre = None     # an OnlineTransform moved in front of this linear by llama.fuse_transforms
+
+    @classmethod
+    def from_integers(cls, q, scale, zero, bits, group):
+        """From butterflyquant.quantize / gptq output: q (out, in) integers, scale and zero (out, groups)."""
+        return cls(bq.pack(q, bits), scale.half(), zero.half(), bits, group, q.shape[1], q.shape[0])
 
     def forward(self, x):   # (..., in) -> (..., out)
         y = qmatmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros, self.bits, self.group,
@@ -506,20 +519,36 @@ class QuantLinear(nn.Module):
 
 
 class OnlineTransform(nn.Module):
-    """x -> T x for a learned T = Q (x) Butterfly(m) (angles theta, K x K factor Q) or a fixed dense T."""
+    """x -> T x at inference, built from the file's description of T (`entry`, see butterflyquant.Transform.export):
+      {n, dense: True, kind, seed}   a fixed baseline, rebuilt from its seed (butterflyquant.fixed_matrix);
+      {n, dense: False, K, m}        a learned T = Q (x) Butterfly(m) with angles theta (log2 m, m/2) and, for
+                                     K > 1, the K x K factor Q (zeros when not given: to be loaded)."""
 
-    def __init__(self, n, K=1, m=None, dense=False):
+    def __init__(self, entry, theta=None, Q=None):
         super().__init__()
-        self.n, self.K, self.dense = n, K, dense
+        try:
+            n, dense = int(entry["n"]), bool(entry["dense"])
+            K, m = (1, n) if dense else (int(entry["K"]), int(entry["m"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"bad transform description {entry!r}: {type(e).__name__} {e}") from None
+        if n < 1 or K < 1 or K * m != n or not bq.is_pow2(m) or (not dense and m < 2):
+            raise ValueError(f"bad transform description {entry!r}: need n = K * m with m a power of two >= 2")
+        self.entry, self.n, self.K, self.dense = dict(entry), n, K, dense
         if dense:
-            self.register_buffer("M", torch.zeros(n, n))
+            if entry.get("kind") not in ("hadamard", "random", "identity") or not isinstance(entry.get("seed"), int):
+                raise ValueError(f"bad fixed transform description {entry!r}: needs kind and an integer seed")
+            self.register_buffer("M", bq.fixed_matrix(n, entry["kind"], entry["seed"]), persistent=False)
         else:
-            m = m or n
-            L = m.bit_length() - 1
-            self.register_buffer("theta", torch.zeros(L, m // 2))
-            if K > 1:
-                self.register_buffer("Q", torch.zeros(K, K))
-
+            shapes = dict(theta=(m.bit_length() - 1, m // 2), Q=(K, K))
+            for name, t in (("theta", theta), ("Q", Q)):
+                if name == "Q" and K == 1:
+                    if t is not None:
+                        raise ValueError(f"a transform with K = 1 has no Q (got {tuple(t.shape)})")
+                    continue
+                t = torch.zeros(shapes[name]) if t is None else t
+                if t.dtype != torch.float32 or tuple(t.shape) != shapes[name]:
+                    raise ValueError(f"transform tensor {name}: {t.dtype} {tuple(t.shape)}, want float32 {shapes[name]}")
+                self.register_buffer(name, t)
         self._cs = None         # (theta._version, cos, sin): cos/sin once per set of angles, not per call
 
     def forward(self, x):
@@ -543,13 +572,7 @@ class OnlineTransform(nn.Module):
         return self
 
     def extra_repr(self):
-        return f"n={self.n}, " + ("dense" if self.dense else f"K={self.K}")
-
-
-def fixed_matrix(n, kind, seed):
-    """A fixed baseline transform, rebuilt from its kind and seed (files store these, not n x n matrices)."""
-    M, _ = bq.fixed_rotation(n, kind, torch.Generator().manual_seed(seed))
-    return M.float()
+        return f"n={self.n}, " + (f"dense {self.entry['kind']}" if self.dense else f"K={self.K}")
 
 
 # -----------------------------------------------------------------------------

@@ -7,11 +7,11 @@ Three on-disk formats, one model:
   GGUF       one .gguf file, llama architecture (dequantized with the `gguf` package)
 plus the ButterflyQuant files that calibrate.py writes (packed low-bit linears + online transforms).
 
-The model never knows about calibration. Two hooks make quantization possible without editing it:
-  - every linear is built by `linear(in_features, out_features)` (default: nn.Linear without bias),
-    and `swap_linears(model, fn)` replaces them after loading;
-  - every linear input has an online transform slot (`rot_qkv`, `rot_o`, `rot_up`, `rot_down`),
-    nn.Identity by default, so linears that share an input share one transform.
+The model never knows about calibration: every linear input has an online transform slot (`rot_qkv`, `rot_o`,
+`rot_up`, `rot_down`; nn.Identity by default, so linears that share an input share one transform), and
+`swap_module` (the one way to replace a module) puts packed linears and transforms in place. The quantized file
+has its one home here too: `save_quantized` writes it, `load_quantized` reads it, and `install_quantized_block`
+builds a quantized block from its tensors for both loading and a resumed calibration.
 
     python llama.py --ckpt smollm2-135m --prompt "The capital of France is" --temperature 0
 """
@@ -25,12 +25,14 @@ import os
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels import OnlineTransform, QuantLinear
 
 
 class UserError(Exception):
@@ -79,6 +81,17 @@ class ModelArgs:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def check_args(args):
+    """Sizes that make a model at all, checked before anything is allocated."""
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+        v = getattr(args, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"model config {k} = {v!r}: want a positive integer")
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
+        raise UserError(f"model config: dim {args.dim}, {args.n_heads} heads, {args.n_kv_heads} kv heads do not "
+                        f"make whole, even heads shared by whole groups")
+
+
 def rope_freqs(args, device):
     """theta_i = base^(-2i/d), with LLaMA-3.1's smooth low-frequency scaling when configured."""
     d = args.head_dim
@@ -112,18 +125,14 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def default_linear(in_features, out_features):
-    return nn.Linear(in_features, out_features, bias=False)
-
-
 class Attention(nn.Module):
-    def __init__(self, args, linear):
+    def __init__(self, args):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = linear(args.dim, args.n_heads * self.head_dim)
-        self.wk = linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wv = linear(args.dim, args.n_kv_heads * self.head_dim)
-        self.wo = linear(args.n_heads * self.head_dim, args.dim)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.rot_qkv, self.rot_o = nn.Identity(), nn.Identity()   # online input transforms (hook)
         self.cache = None                                         # (k, v) buffers while generating
 
@@ -152,11 +161,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args, linear):
+    def __init__(self, args):
         super().__init__()
-        self.w1 = linear(args.dim, args.hidden_dim)   # gate
-        self.w2 = linear(args.hidden_dim, args.dim)   # down
-        self.w3 = linear(args.dim, args.hidden_dim)   # up
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)   # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)   # up
         self.rot_up, self.rot_down = nn.Identity(), nn.Identity()
 
     def forward(self, x):   # SwiGLU: w2(silu(w1 x) * w3 x)
@@ -165,10 +174,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args, linear):
+    def __init__(self, args):
         super().__init__()
-        self.attention = Attention(args, linear)
-        self.feed_forward = FeedForward(args, linear)
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -178,11 +187,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, linear=default_linear):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, linear) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)   # the head stays full precision
         if args.tie_embeddings:
@@ -236,15 +245,6 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 layer.attention.cache = None
         return out
-
-
-def swap_linears(model, fn):
-    """The one quantization hook: replace every block linear `name -> fn(name, module)`."""
-    for name, mod in list(model.named_modules()):
-        for cname, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear) and name.startswith("layers."):
-                setattr(mod, cname, fn(f"{name}.{cname}", child))
-    return model
 
 
 # -----------------------------------------------------------------------------
@@ -446,10 +446,11 @@ def resolve_ckpt(ckpt):
                     f"not under $BQ_CKPT_DIR)")
 
 
-def build_model(args, state_dict, linear=default_linear):
+def build_model(args, state_dict):
     """Meta-device modules, then assign the (possibly mmapped) tensors: no second copy in RAM."""
+    check_args(args)
     with torch.device("meta"):
-        model = Transformer(args, linear)
+        model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)
@@ -614,63 +615,159 @@ def load(ckpt):
     raise UserError(f"{path}: unknown checkpoint format (expected a directory, .gguf or .safetensors)")
 
 
-def read_quantized_header(path):
-    """The JSON header calibrate.py writes into the safetensors metadata (config, settings, tokenizer kind)."""
+# -----------------------------------------------------------------------------
+# the quantized file: one .safetensors that calibrate.py writes (save_quantized) and load() reads
+# (load_quantized). Tensors: per block its packed linears (`qweight` int32 bit stream, fp16 `scales` and `zeros`),
+# learned transforms (`theta`, `Q`) and norms; the fp embedding, final norm and head; the tokenizer's bytes.
+# The JSON header: {format, config, tokenizer, quant: {bits, group, sym}, transforms: {module name: entry}, ...};
+# a fixed baseline transform is stored as its entry (kind, seed), never as a matrix.
+
+FORMAT = "butterflyquant-1"
+
+# per block: (transform slot, the linears that read its output)
+SITES = [("attention.rot_qkv", ("attention.wq", "attention.wk", "attention.wv")),
+         ("attention.rot_o", ("attention.wo",)),
+         ("feed_forward.rot_up", ("feed_forward.w1", "feed_forward.w3")),
+         ("feed_forward.rot_down", ("feed_forward.w2",))]
+
+
+def swap_module(root, name, module):
+    """The one way to replace a submodule: by its dotted name."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def install_quantized_block(block, tensors, transforms, bits, group):
+    """Make `block` its quantized self: a QuantLinear for every linear from its packed tensors, an OnlineTransform
+    in every slot that `transforms` ({slot: entry}) names, and the norms; every tensor must be used. `tensors` use
+    the block's own names (attention.wq.qweight, ...). Used by load_quantized and by a resumed calibration."""
+    tensors = dict(tensors)
+
+    def take(name):
+        if name not in tensors:
+            raise ValueError(f"missing tensor {name}")
+        return tensors.pop(name)
+
+    for slot, linears in SITES:
+        for name in linears:
+            lin = block.get_submodule(name)
+            packed = [take(f"{name}.{k}") for k in ("qweight", "scales", "zeros")]
+            swap_module(block, name, QuantLinear(*packed, bits, group, lin.in_features, lin.out_features))
+        entry = transforms.get(slot)
+        if entry is not None:
+            learned = isinstance(entry, dict) and not entry.get("dense", True)
+            extra = dict(theta=take(f"{slot}.theta"), Q=tensors.pop(f"{slot}.Q", None)) if learned else {}
+            swap_module(block, slot, OnlineTransform(entry, **extra))
+    for norm in (block.attention_norm, block.ffn_norm):
+        name = "attention_norm.weight" if norm is block.attention_norm else "ffn_norm.weight"
+        w = take(name)
+        if w.dtype != torch.float32 or w.shape != norm.weight.shape:
+            raise ValueError(f"{name}: {w.dtype} {tuple(w.shape)}, want float32 {tuple(norm.weight.shape)}")
+        norm.weight = nn.Parameter(w, requires_grad=False)
+    if tensors:
+        raise ValueError(f"unexpected tensors {sorted(tensors)[:3]}")
+    return block
+
+
+def quantized_block_tensors(block):
+    """What a quantized block stores (fixed transform matrices are not persistent: their entry rebuilds them)."""
+    return {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+
+
+def write_safetensors(path, tensors, header):
+    """Atomic: a temporary file beside `path`, renamed over it once complete; the usual umask permissions."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata={"butterflyquant": json.dumps(header)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_safetensors(path):
+    """(header, tensors) of a file that write_safetensors wrote."""
     from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
+            if "butterflyquant" not in meta:
+                raise UserError(f"{path}: not a ButterflyQuant file (no 'butterflyquant' header); "
+                                f"Hugging Face checkpoints are directories")
+            header = json.loads(meta["butterflyquant"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot read {path}: truncated or not safetensors ({str(e)[:120]})") from None
-    if "butterflyquant" not in meta:
-        raise UserError(f"{path}: not a ButterflyQuant file (no 'butterflyquant' header); HF checkpoints are directories")
-    return json.loads(meta["butterflyquant"])
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: its header is not a JSON object")
+    return header, tensors
 
 
-def quantized_model(header, linear_dtype=torch.float32):
-    """Empty model with QuantLinear in every block linear and OnlineTransform in every used transform slot."""
-    from kernels import OnlineTransform, QuantLinear
-    args = ModelArgs.from_dict(header["config"])
-    q = header["quant"]
-    model = Transformer(args, linear=lambda i, o: QuantLinear(i, o, q["bits"], q["group"]))
-    for name, t in header["transforms"].items():    # e.g. layers.3.attention.rot_qkv
-        parent, slot = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), slot, OnlineTransform(t["n"], t.get("K", 1), t.get("m"), t["dense"]))
-    return model
+def save_quantized(path, model, tok, quant, **info):
+    """The whole quantized model in one file. quant: {bits, group, sym}; info: more header fields."""
+    tensors = {f"layers.{l}.{k}": v for l, b in enumerate(model.layers) for k, v in quantized_block_tensors(b).items()}
+    tensors["tok_embeddings.weight"] = model.tok_embeddings.weight.detach().float().contiguous()
+    tensors["norm.weight"] = model.norm.weight.detach().float().contiguous()
+    if not model.args.tie_embeddings:
+        tensors["output.weight"] = model.output.weight.detach().float().contiguous()
+    tensors["tokenizer.blob"] = torch.frombuffer(bytearray(tok.blob), dtype=torch.uint8)
+    transforms = {name: m.entry for name, m in model.named_modules() if isinstance(m, OnlineTransform)}
+    header = dict(format=FORMAT, config=asdict(model.args), tokenizer=tok.kind, quant=quant, transforms=transforms,
+                  **info)
+    write_safetensors(path, tensors, header)
+
+
+def load_quantized(path):
+    """A calibrate.py file -> (model, tokenizer): packed integer linears, transforms, fp tensors, config."""
+    header, tensors = read_safetensors(path)
+    try:
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, this code reads {FORMAT!r}")
+        args = ModelArgs.from_dict(header["config"])
+        bits, group = header["quant"]["bits"], header["quant"]["group"]
+        check_args(args)
+        with torch.device("meta"):
+            model = Transformer(args)
+        for l, block in enumerate(model.layers):
+            p = f"layers.{l}."
+            own = {k[len(p):]: tensors.pop(k) for k in list(tensors) if k.startswith(p)}
+            trans = {k[len(p):]: v for k, v in header["transforms"].items() if k.startswith(p)}
+            install_quantized_block(block, own, trans, bits, group)
+        tok = tokenizer_from_blob(header["tokenizer"], tensors.pop("tokenizer.blob").numpy().tobytes())
+        rest = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
+        if args.tie_embeddings:
+            rest.pop("output.weight", None)
+        if sorted(tensors) != sorted(rest):
+            raise ValueError(f"tensors {sorted(set(tensors) ^ set(rest))[:3]} do not match the config")
+        for k, v in rest.items():
+            if tensors[k].dtype != torch.float32 or tensors[k].shape != v.shape:
+                raise ValueError(f"{k}: {tensors[k].dtype} {tuple(tensors[k].shape)}, want float32 {tuple(v.shape)}")
+        model.load_state_dict(tensors, assign=True, strict=False)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: {type(e).__name__ if isinstance(e, KeyError) else 'bad file'}: {e}") from None
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval(), tok
 
 
 def fuse_transforms(model):
     """Move each transform that feeds a single quantized linear (rot_o -> wo, rot_down -> w2) into that linear,
     so that decode can run T x inside the GEMV kernel (kernels.qmatmul, FUSE_ROWS). q/k/v and w1/w3 share
     their input transform, so those stay. Same math; the module tree changes (wo.pre instead of rot_o)."""
-    from kernels import OnlineTransform, QuantLinear
     for block in model.layers:
-        for parent, slot, lin in ((block.attention, "rot_o", "wo"), (block.feed_forward, "rot_down", "w2")):
-            t, q = getattr(parent, slot), getattr(parent, lin)
+        for slot, lin in (("attention.rot_o", "attention.wo"), ("feed_forward.rot_down", "feed_forward.w2")):
+            t, q = block.get_submodule(slot), block.get_submodule(lin)
             if isinstance(t, OnlineTransform) and isinstance(q, QuantLinear) and q.pre is None:
                 q.pre = t
-                setattr(parent, slot, nn.Identity())
+                swap_module(block, slot, nn.Identity())
     return model
-
-
-def load_quantized(path):
-    """A calibrate.py file: packed integer linears, transforms, fp tensors, tokenizer, config."""
-    from safetensors.torch import load_file
-    import kernels
-    header = read_quantized_header(path)
-    model = quantized_model(header)
-    sd = load_file(path)
-    tok = tokenizer_from_blob(header["tokenizer"], sd.pop("tokenizer.blob").numpy().tobytes())
-    for name, t in header["transforms"].items():   # fixed baselines are stored as (kind, seed), rebuilt here
-        if t["dense"]:
-            sd[name + ".M"] = kernels.fixed_matrix(t["n"], t["kind"], t["seed"])
-    if model.args.tie_embeddings:
-        sd.pop("output.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (model.args.tie_embeddings and k == "output.weight")]
-    if missing or unexpected:
-        raise UserError(f"{path}: tensors do not match its header: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.eval(), tok
 
 
 # -----------------------------------------------------------------------------

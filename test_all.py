@@ -512,7 +512,7 @@ def rotate_model_exactly(model, seed=0):
     W T^T in full precision, and the OnlineTransform modules apply T at run time."""
     g = torch.Generator().manual_seed(seed)
     for block in model.layers:
-        for slot, linears in calibrate.SITES:
+        for slot, linears in llama.SITES:
             n = block.get_submodule(linears[0]).in_features
             T = bq.Transform(n, "random", g, dtype=torch.float64)
             if T.K > 1:
@@ -522,9 +522,7 @@ def rotate_model_exactly(model, seed=0):
             for name in linears:
                 lin = block.get_submodule(name)
                 lin.weight.data = (lin.weight.double() @ M.T).float()
-            calibrate.install_transform(block, slot, dict(n=n, dense=False, K=T.K, m=T.m,
-                                                          theta=T.butterfly.theta.detach().float(),
-                                                          Q=T.q().detach().float() if T.K > 1 else None), "cpu")
+            llama.swap_module(block, slot, kernels.OnlineTransform(*T.export()))
 
 
 def assert_rotation_invariant(model, ids):
@@ -584,19 +582,19 @@ def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monk
     out, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
     clean = str(tmp_path / "clean.safetensors")
     calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
-    real, calls = calibrate.quantize_site, []
+    real, calls = calibrate.quantize_block, []
 
-    def dies_in_block_3(block, slot, *a, **k):
-        calls.append(slot)
-        if len(calls) > 2 * 4:
+    def dies_in_block_3(block, *a, **k):
+        calls.append(block)
+        if len(calls) > 2:
             raise KeyboardInterrupt
-        return real(block, slot, *a, **k)
-    monkeypatch.setattr(calibrate, "quantize_site", dies_in_block_3)
+        return real(block, *a, **k)
+    monkeypatch.setattr(calibrate, "quantize_block", dies_in_block_3)
     with pytest.raises(KeyboardInterrupt):
         calibrate.main(argv)
     assert not os.path.exists(out)
     assert sorted(os.listdir(out + ".partial")) == ["block_000.safetensors", "block_001.safetensors", "settings.json"]
-    monkeypatch.setattr(calibrate, "quantize_site", real)
+    monkeypatch.setattr(calibrate, "quantize_block", real)
     calibrate.main(argv)
     from safetensors.torch import load_file
     a, b = load_file(out), load_file(clean)
@@ -637,9 +635,8 @@ def test_sweep_only_selects_full_row_names_exactly():
     assert tags(["w3g128-gptq-butterfly"]) == ["fp"] + [f"w3g128-gptq-butterfly-{x}" for x in
                                                          ("identity", "hadamard", "best", "best-0.1")]
     assert len(tags([])) == 1 + 4 * 2 * 7 and len(set(tags([]))) == len(tags([]))
-    flags = dict(calibrate.sweep_rows(["w4g128-rtn-butterfly-best-0.1"]))["w4g128-rtn-butterfly-best-0.1"]
-    a = calibrate.parse_args(flags)
-    assert (a.bits, a.group, a.gptq, a.rotation, a.init, a.lambda_unif) == (4, 128, False, "butterfly", "best", 0.1)
+    a = dict(calibrate.sweep_rows(["w4g128-rtn-butterfly-best-0.1"]))["w4g128-rtn-butterfly-best-0.1"]
+    assert (a["bits"], a["group"], a["gptq"], a["rotation"], a["init"], a["lambda_unif"]) == (4, 128, False, "butterfly", "best", 0.1)
 
 
 # -----------------------------------------------------------------------------
@@ -748,7 +745,7 @@ def test_online_transform_keeps_fp32_angles_and_follows_reloaded_ones():
     for seed in (0, 1):
         torch.manual_seed(seed)
         mods.append(random_transform(576, torch.float64))       # composite: K = 36, m = 16
-    ot = kernels.OnlineTransform(576, mods[0].K, mods[0].m)
+    ot = kernels.OnlineTransform(dict(n=576, dense=False, K=mods[0].K, m=mods[0].m))
     x = torch.randn(3, 576, dtype=torch.float64)
     for T in mods:
         ot.load_state_dict({"theta": T.butterfly.theta.detach().float(), "Q": T.q().detach().float()})
