@@ -44,7 +44,8 @@ def is_pow2(n):
 
 class Butterfly(nn.Module):
     """log2(n) stages of n/2 Givens rotations: (n/2) log2(n) angles, orthogonal for any angles.
-    theta = 0 is the identity; theta = pi/4 makes every entry +-1/sqrt(n) (a Hadamard matrix up to signs)."""
+    theta = 0 is the identity; theta = pi/4 makes every entry +-1/sqrt(n) (a Hadamard matrix up to signs), and so
+    does pi/4 + k pi/2 for any integers k ('rhadamard': random k, a randomised Hadamard as QuaRot uses)."""
 
     def __init__(self, n, init="identity", generator=None):
         super().__init__()
@@ -55,6 +56,8 @@ class Butterfly(nn.Module):
         theta = torch.zeros(L, n // 2)
         if init == "hadamard":
             theta.fill_(math.pi / 4)
+        elif init == "rhadamard":
+            theta.copy_(math.pi / 4 + math.pi / 2 * torch.randint(0, 4, theta.shape, generator=generator))
         elif init == "random":
             theta.uniform_(-math.pi, math.pi, generator=generator)
         elif init != "identity":
@@ -107,7 +110,7 @@ class Transform(nn.Module):
         if self.K > 1:
             if init == "identity":
                 base = torch.eye(self.K, dtype=torch.float64)
-            elif init == "hadamard" and _paley(self.K) is not None:
+            elif init in ("hadamard", "rhadamard") and _paley(self.K) is not None:
                 base = _paley(self.K) / math.sqrt(self.K)
             else:
                 base = random_orthogonal(self.K, generator)
@@ -228,16 +231,36 @@ def expand_groups(t, n, group):
     return t.repeat_interleave(g, dim=1)[:, :n]
 
 
-def quantize(w, cfg: QuantConfig):
-    """Round to nearest: w (R, n) -> integers q (R, n) int8/uint8, scale (R, G), zero (R, G)."""
+def quantize(w, cfg: QuantConfig, H=None, gamma=None):
+    """Round to nearest: w (R, n) -> integers q (R, n) uint8, scale (R, G), zero (R, G).
+    The range of each group: min-max shrunk by the clip search (cfg.clip), or by learned factors
+    sigmoid(gamma) (2, R, G) (OmniQuant's learnable weight clipping). Given the inputs' H (n, n), the search
+    scores the error weighted by diag(H), and each row keeps min-max where that gives the lower row loss
+    e H e^T: the layer loss trace(E H E^T) = sum over rows is then never above min-max's."""
     R, n = w.shape
     wg, mask = _grouped(w.float(), cfg.group)
     G, g = mask.shape
+
+    def rtn(scale, zero):
+        return torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
+
+    if gamma is not None:
+        scale, zero = _minmax_params(wg.amin(-1) * torch.sigmoid(gamma[0]), wg.amax(-1) * torch.sigmoid(gamma[1]),
+                                     cfg.bits, cfg.sym)
+        return rtn(scale, zero).view(R, G * g)[:, :n].to(torch.uint8), scale, zero
+    weight = mask.expand(R, G, g)
+    if H is not None:
+        weight = weight * _grouped(torch.diagonal(H).float().view(1, n), cfg.group)[0]
     scale, zero = quant_params(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip,
-                               mask=mask.repeat(R, 1) if mask.min() == 0 else None)
+                               mask=weight.reshape(R * G, g) if H is not None or mask.min() == 0 else None)
     scale, zero = scale.view(R, G), zero.view(R, G)
-    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
-    return q.view(R, G * g)[:, :n].to(torch.uint8), scale, zero
+    if H is not None and cfg.clip:
+        s0, z0 = _minmax_params(wg.amin(-1), wg.amax(-1), cfg.bits, cfg.sym)
+        row_loss = lambda s, z: (lambda E: ((E @ H.float()) * E).sum(1))(                 # noqa: E731
+            (s[..., None] * (rtn(s, z) - z[..., None])).view(R, G * g)[:, :n] - w.float())
+        keep = (row_loss(s0, z0) < row_loss(scale, zero))[:, None]
+        scale, zero = torch.where(keep, s0, scale), torch.where(keep, z0, zero)
+    return rtn(scale, zero).view(R, G * g)[:, :n].to(torch.uint8), scale, zero
 
 
 def dequantize(q, scale, zero, group):
@@ -251,11 +274,15 @@ def round_ste(x):
     return x + (torch.round(x) - x).detach()
 
 
-def fake_quant_ste(w, cfg: QuantConfig):
-    """Differentiable RTN for training: min-max scales from w itself (no clip search), rounding by STE."""
+def fake_quant_ste(w, cfg: QuantConfig, gamma=None):
+    """Differentiable RTN for training: min-max scales from w itself (no clip search), or the range shrunk by
+    learned factors sigmoid(gamma) (2, R, G); rounding by STE. Gradients reach w and gamma."""
     R, n = w.shape
     wg, _ = _grouped(w, cfg.group)
-    scale, zero = _minmax_params(wg.amin(-1), wg.amax(-1), cfg.bits, cfg.sym)
+    xmin, xmax = wg.amin(-1), wg.amax(-1)
+    if gamma is not None:
+        xmin, xmax = xmin * torch.sigmoid(gamma[0]), xmax * torch.sigmoid(gamma[1])
+    scale, zero = _minmax_params(xmin, xmax, cfg.bits, cfg.sym)
     zero = zero.detach()    # the integer zero point carries no gradient; the scale does
     q = torch.clamp(round_ste(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
     return (scale[..., None] * (q - zero[..., None])).reshape(R, -1)[:, :n]
@@ -298,16 +325,25 @@ def uniformity_loss(z, bits, temperature=0.5):
 
 @dataclass
 class LearnConfig:
-    init: str = "best"        # identity | hadamard | random | best (the better of identity and hadamard)
+    init: str = "best"        # identity | hadamard | rhadamard | random | best (the better of identity and hadamard)
     steps: int = 30
     lr: float = 0.5
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
     checkpoints: int = 1      # times per site the iterate is scored with the final quantizer (the best is kept)
     optim: str = "sgd"        # sgd (momentum 0.9) or adam, both cosine-decayed
     lambda_unif: float = 0.0  # weight of the uniformity regulariser
+    objective: str = "layer"  # layer: each site alone (trace loss); block: the four sites of a block jointly
+    batch: int = 2            # block objective: sequences per step
+    tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
+    lwc: bool = False         # block objective: also learn per-group clip factors (used by RTN)
+    clip_lr: float = 5e-3     # their learning rate (Adam)
 
     def __post_init__(self):
-        if self.init not in ("identity", "hadamard", "random", "best"):
+        if self.objective not in ("layer", "block"):
+            raise ValueError(f"unknown objective {self.objective!r}")
+        if self.batch < 1 or self.tokens < 2 or not (math.isfinite(self.clip_lr) and self.clip_lr > 0):
+            raise ValueError("batch must be >= 1, tokens >= 2 and clip_lr positive")
+        if self.init not in ("identity", "hadamard", "rhadamard", "random", "best"):
             raise ValueError(f"unknown init {self.init!r}")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optim!r}")
@@ -326,7 +362,7 @@ def quantize_rotated(W, H, M, cfg: QuantConfig):
     Wr = W @ M.T
     if cfg.gptq:
         return gptq(Wr, M @ H @ M.T, cfg, act_order=cfg.act_order)
-    return quantize(Wr, cfg)
+    return quantize(Wr, cfg, H=M @ H @ M.T)
 
 
 @torch.no_grad()
@@ -336,26 +372,26 @@ def score(W, H, M, cfg: QuantConfig, base):
     return (recon_loss_trace(W, dequantize(*qsz, cfg.group), M, H) / base).item(), qsz
 
 
+def start_transform(W, H, qcfg: QuantConfig, init, seed, base):
+    """The starting T for W (R, n) and its (loss, (q, scale, zero)) under the final quantizer. 'best': the better
+    of identity and hadamard (the butterfly contains both), scored by that quantizer."""
+    def make(init):
+        return Transform(W.shape[1], init, torch.Generator().manual_seed(seed)).to(W.device)
+
+    cands = [make("identity"), make("hadamard")] if init == "best" else [make(init)]
+    scores = [score(W, H, t.matrix().detach(), qcfg, base) for t in cands]
+    i = min(range(len(cands)), key=lambda j: scores[j][0])
+    return cands[i], scores[i][0], scores[i][1]
+
+
 def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
     """Learn T = Q_K (x) B(m) for W (R, n) with inputs summarised by H (n, n) (and tokens Xu (tokens, n) for the
     uniformity term). The STE gradient is noisy and RTN is not the final quantizer, so iterates are scored with
     the final one `checkpoints` times and the best is kept, the start included: learning never ends worse than
     its start. Returns (T, start loss, best loss, best (q, scale, zero))."""
-    n = W.shape[1]
     base = ((W @ H) * W).sum()          # trace(W H W^T): the loss of quantizing everything to zero
     g = torch.Generator(device=W.device).manual_seed(seed)
-
-    def make(init):
-        return Transform(n, init, torch.Generator().manual_seed(seed)).to(W.device)
-
-    if lcfg.init == "best":    # the butterfly contains both identity and (a) Hadamard: start from the better
-        cands = [make("identity"), make("hadamard")]
-        scores = [score(W, H, t.matrix().detach(), qcfg, base) for t in cands]
-        i = min(range(2), key=lambda j: scores[j][0])
-        T, (start, best_q) = cands[i], scores[i]
-    else:
-        T = make(lcfg.init)
-        start, best_q = score(W, H, T.matrix().detach(), qcfg, base)
+    T, start, best_q = start_transform(W, H, qcfg, lcfg.init, seed, base)
     best, best_state = start, copy.deepcopy(T.state_dict())
 
     def loss_of(rows=None):
@@ -391,6 +427,63 @@ def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
                 best, best_state, best_q = s, copy.deepcopy(T.state_dict()), qsz
     T.load_state_dict(best_state)
     return T, start, best, best_q
+
+
+# -----------------------------------------------------------------------------
+# learning the transforms of a block jointly (the block objective)
+#
+#   min_{T, gamma}  mean || block(X; Q(W_l T_s^T) for every linear l at site s, T_s x online) - Y ||^2
+#
+# Y is the unquantized block's output on the same X, so errors are measured where they matter: after q and k
+# pass the softmax, after SwiGLU, summed over the block's linears. Q is the straight-through RTN, with learned
+# clip factors sigmoid(gamma) when lwc. The block itself is a callable: this file knows no model.
+
+def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lcfg: LearnConfig, gammas=None,
+                generator=None):
+    """forward(Wq, x) -> the block's output on x (B, T, dim) with the linear weights Wq {name: (out, in)} and the
+    transforms {slot: Transform} applied online in their slots (the caller installs them there).
+    weights: {name: W (out, in)} unquantized; sites: [(slot, [names of the linears reading it])].
+    gammas: None or {name: (2, out, groups)} clip parameters, learned in place. Adam, cosine decay.
+    Returns (block loss at the start, at the end) over all of X."""
+    params = [p for T in transforms.values() for p in T.parameters()]
+    groups = [dict(params=params, lr=lcfg.lr)]
+    if gammas is not None:
+        groups.append(dict(params=list(gammas.values()), lr=lcfg.clip_lr))
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, lcfg.steps))
+
+    def loss_of(x, y):
+        Wq = {name: fake_quant_ste(transforms[slot](weights[name]), qcfg, None if gammas is None else gammas[name])
+              for slot, names in sites for name in names}                 # rows of Q(W T^T) are Q(T w)
+        return (forward(Wq, x) - y).pow(2).mean()
+
+    def full_loss():
+        with torch.no_grad():
+            return sum(loss_of(X[i:i + lcfg.batch], Y[i:i + lcfg.batch]).item() * len(X[i:i + lcfg.batch])
+                       for i in range(0, len(X), lcfg.batch)) / len(X)
+
+    keep = [copy.deepcopy(T.state_dict()) for T in transforms.values()], copy.deepcopy(gammas)
+    start, order, pos = full_loss(), torch.randperm(len(X), generator=generator), 0
+    for step in range(1, lcfg.steps + 1):
+        if pos + lcfg.batch > len(X):
+            order, pos = torch.randperm(len(X), generator=generator), 0
+        idx = order[pos:pos + lcfg.batch]
+        pos += lcfg.batch
+        loss = loss_of(X[idx], Y[idx])
+        if not torch.isfinite(loss):
+            raise LearningError(f"NaN/inf block loss at step {step} (learning rate {lcfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    end = full_loss()
+    if end > start:         # learning never ends worse than its start on the block loss
+        for T, state in zip(transforms.values(), keep[0]):
+            T.load_state_dict(state)
+        for name, g in (gammas or {}).items():
+            g.data.copy_(keep[1][name])
+        end = start
+    return start, end
 
 
 # -----------------------------------------------------------------------------

@@ -123,10 +123,47 @@ def run_block(block, X, cos, sin, cc, capture=False):
     return out, stats
 
 
-def quantize_block(block, stats, cc, qc, lc, layer):
+def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
+    """The block objective: start every site as the layer objective would (lc.init), then learn the four
+    transforms (and, with lc.lwc, per-group clip factors) jointly on the block's output (butterflyquant.learn_block).
+    X, Y: the block's inputs on the quantized path and the unquantized block's outputs on them, (N, T, dim)."""
+    dev, n_tok = cc.device, min(lc.tokens, X.shape[1])
+    weights = {name: block.get_submodule(name).weight.detach().to(dev, torch.float32) for _, ls in SITES for name in ls}
+    transforms, starts = {}, {}
+    for s_i, (slot, linears) in enumerate(SITES):
+        W = torch.cat([weights[name] for name in linears])
+        transforms[slot], starts[slot], _ = bq.start_transform(W, stats[slot]["H"], qc, lc.init,
+                                                               cc.seed * 1000003 + 4 * layer + s_i,
+                                                               ((W @ stats[slot]["H"]) * W).sum())
+    gammas = None
+    if lc.lwc:
+        gammas = {name: torch.full((2, W.shape[0], bq.ngroups(W.shape[1], qc.group)), 4.0, device=dev,
+                                   requires_grad=True) for name, W in weights.items()}    # sigmoid(4) = 0.98
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for slot, T in transforms.items():
+        llama.swap_module(block, slot, T)
+    cos, sin = cos[:n_tok], sin[:n_tok]                   # positions 0 .. n_tok - 1
+
+    def forward(Wq, x):
+        return torch.func.functional_call(block, {f"{k}.weight": v for k, v in Wq.items()}, (x.to(dev), cos, sin))
+
+    g = torch.Generator().manual_seed(cc.seed * 1000003 + 4 * layer)
+    try:
+        start, end = bq.learn_block(forward, weights, SITES, transforms, X[:, :n_tok], Y[:, :n_tok].to(dev), qc,
+                                    lc, gammas, g)
+    except bq.LearningError as e:
+        raise UserError(f"{e}: lower --lr") from None
+    return transforms, starts, gammas, (start, end)
+
+
+def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None):
     """Choose T and quantize Q(W T^T) at every site of one block, then install the quantized block.
     Returns (the block's tensors, {slot: transform entry}, {site: relative layer loss before and after})."""
     tensors, entries, log = {}, {}, {}
+    learned, starts, gammas, block_loss = {}, {}, None, None
+    if cc.rotation == "butterfly" and lc.objective == "block":
+        learned, starts, gammas, block_loss = learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer)
     for s_i, (slot, linears) in enumerate(SITES):
         seed = cc.seed * 1000003 + 4 * layer + s_i
         Ws = [block.get_submodule(name).weight.detach().to(cc.device, torch.float32) for name in linears]
@@ -135,7 +172,18 @@ def quantize_block(block, stats, cc, qc, lc, layer):
         first = float("nan")
         if cc.rotation == "butterfly":
             try:
-                T, first, after, (q, s, z) = bq.learn_transform(W, H, qc, lc, seed, stats[slot]["sub"])
+                if slot in learned:
+                    T, first = learned[slot], starts[slot]
+                    M = T.matrix().detach()
+                    base = ((W @ H) * W).sum()
+                    if gammas is not None and not qc.gptq:      # RTN with the learned clip
+                        qs = [bq.quantize(Wl @ M.T, qc, gamma=gammas[name].detach()) for name, Wl in zip(linears, Ws)]
+                        q, s, z = (torch.cat(t) for t in zip(*qs))
+                        after = (bq.recon_loss_trace(W, bq.dequantize(q, s, z, qc.group), M, H) / base).item()
+                    else:
+                        after, (q, s, z) = bq.score(W, H, M, qc, base)
+                else:
+                    T, first, after, (q, s, z) = bq.learn_transform(W, H, qc, lc, seed, stats[slot]["sub"])
             except bq.LearningError as e:
                 raise UserError(f"{e}: lower --lr") from None
             entries[slot], tensors[f"{slot}.theta"], Q = T.export()
@@ -156,6 +204,8 @@ def quantize_block(block, stats, cc, qc, lc, layer):
             tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s[rows].half().cpu(), z[rows].half().cpu()
             row += Wl.shape[0]
         log[SHORT[slot]] = dict(start=round(first, 5), final=round(after, 5))
+    if block_loss is not None:
+        log["block"] = dict(start=round(block_loss[0], 7), final=round(block_loss[1], 7))
     tensors["attention_norm.weight"] = block.attention_norm.weight.detach().float().cpu()
     tensors["ffn_norm.weight"] = block.ffn_norm.weight.detach().float().cpu()
     llama.install_quantized_block(block, tensors, entries, qc.bits, qc.group)
@@ -218,8 +268,9 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
             block.cpu()
             site_log.update({f"layers.{l}.{k}": v for k, v in header["log"].items()})
             continue
-        _, stats = run_block(block, X, cos, sin, cc, capture=True)
-        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l)
+        Y, stats = run_block(block, X, cos, sin, cc, capture=True)        # the unquantized block's outputs
+        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin)
+        del Y
         del stats
         block.to(dev)
         X, _ = run_block(block, X, cos, sin, cc)                        # inputs of the next block, quantized path
@@ -238,7 +289,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
     packed = [m for m in model.modules() if m.__class__.__name__ == "QuantLinear"]
     numel = sum(m.in_features * m.out_features for m in packed)
     bpw = sum(bq.stored_bits_per_weight(m.qweight, m.scales, m.zeros, 1) for m in packed) / numel
-    finals = [v["final"] for v in site_log.values()]
+    finals = [v["final"] for k, v in site_log.items() if not k.endswith(".block")]
     llama.save_quantized(out, model, tok, dict(bits=qc.bits, group=qc.group, sym=qc.sym), settings=sett,
                          calib_source=source, log=site_log, bits_per_weight=round(bpw, 4),
                          calibration_seconds=round(t_cal, 1), device=dev)
@@ -333,8 +384,14 @@ def parse_args(argv=None):
                    help="calibration samples (default: 128, the paper's, on a GPU; 32 on CPU, where 128 x 2048 "
                         "tokens take ~40 minutes of forward passes for SmolLM2 on 2 cores)")
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=30, help="optimisation steps per site")
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--objective", default="layer", choices=["layer", "block"],
+                   help="layer: each site alone, trace(E H E^T) (the paper's); block: a block's four transforms "
+                        "jointly on the block's output MSE")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps per site (layer: 30) or block (block: 40)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; block: 0.01, Adam)")
+    p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
+    p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
+    p.add_argument("--lwc", action="store_true", help="block objective: learn per-group clip factors too (RTN)")
     p.add_argument("--rows", type=int, default=512, help="output rows per step (stochastic); 0 = all")
     p.add_argument("--checkpoints", type=int, default=1, help="times per site the iterate is scored with the "
                                                                     "final quantizer (the best is kept)")
@@ -365,7 +422,11 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be positive")
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
-        lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif)
+        block = a.objective == "block"
+        lc = bq.LearnConfig(a.init, a.steps if a.steps is not None else 40 if block else 30,
+                            a.lr if a.lr is not None else 0.01 if block else 0.5, a.rows, a.checkpoints,
+                            "adam" if block else a.optim, a.lambda_unif, a.objective, a.block_batch, a.block_tokens,
+                            a.lwc)
     except ValueError as e:
         raise UserError(str(e)) from None
     if a.out is None:
