@@ -438,6 +438,13 @@ def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
 # pass the softmax, after SwiGLU, summed over the block's linears. Q is the straight-through RTN, with learned
 # clip factors sigmoid(gamma) when lwc. The block itself is a callable: this file knows no model.
 
+def block_loss(forward, weights, sites, transforms, x, y, qcfg: QuantConfig, gammas=None):
+    """mean ||forward(Q(W T^T), x) - y||^2 with straight-through Q; the rows of Q(W T^T) are Q(T w)."""
+    Wq = {name: fake_quant_ste(transforms[slot](weights[name]), qcfg, None if gammas is None else gammas[name])
+          for slot, names in sites for name in names}
+    return (forward(Wq, x) - y).pow(2).mean()
+
+
 def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lcfg: LearnConfig, gammas=None,
                 generator=None):
     """forward(Wq, x) -> the block's output on x (B, T, dim) with the linear weights Wq {name: (out, in)} and the
@@ -453,9 +460,7 @@ def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lc
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, lcfg.steps))
 
     def loss_of(x, y):
-        Wq = {name: fake_quant_ste(transforms[slot](weights[name]), qcfg, None if gammas is None else gammas[name])
-              for slot, names in sites for name in names}                 # rows of Q(W T^T) are Q(T w)
-        return (forward(Wq, x) - y).pow(2).mean()
+        return block_loss(forward, weights, sites, transforms, x, y, qcfg, gammas)
 
     def full_loss():
         with torch.no_grad():

@@ -109,7 +109,7 @@ def rope_freqs(args, device):
 
 def apply_rope(x, cos, sin):
     """Meta's interleaved RoPE: pairs (x[2i], x[2i+1]) rotate by angle pos*theta_i. x: (B, T, H, hd)."""
-    x = x.float().unflatten(-1, (-1, 2))                       # (B, T, H, hd/2, 2)
+    x = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))   # (B, T, H, hd/2, 2), >= fp32
     a, b = x[..., 0], x[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
 
@@ -120,8 +120,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):   # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32
-        xf = x.float()
+    def forward(self, x):   # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 (or fp64)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 

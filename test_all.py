@@ -503,6 +503,88 @@ def test_uniformity_loss_prefers_spread_values():
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
 
+def test_clip_scored_by_the_layer_loss_is_never_worse_than_min_max():
+    """RTN given H: the clip search weighs the error by diag(H) and each row falls back to min-max where that is
+    better, so trace(E H E^T), computed here from the dense definition, never exceeds min-max's."""
+    for seed, (bits, group) in enumerate([(2, 64), (3, 32), (4, 0), (2, 0), (3, 48)]):
+        W, X, H = layer_with_hessian(out=48, n=128, seed=seed)
+        I = torch.eye(128)
+        loss = lambda qsz, g: (lambda E: torch.trace(E @ H @ E.T))(W - bq.dequantize(*qsz, g))   # noqa: E731
+        minmax = loss(bq.quantize(W, bq.QuantConfig(bits, group, clip=False)), group)
+        scored = loss(bq.quantize(W, bq.QuantConfig(bits, group), H=H), group)
+        assert scored <= minmax * (1 + 1e-6), (bits, group, scored, minmax)
+        assert torch.isclose(scored, bq.recon_loss_trace(W, bq.dequantize(*bq.quantize(W, bq.QuantConfig(bits, group),
+                                                                                       H=H), group), I, H), rtol=1e-4)
+
+
+def tiny_block(dim=24, hidden=40, seed=0):
+    """A float64 llama block whose sites are composites with a K x K factor (24 = 12 x 2, 40 = 20 x 2)."""
+    args = tiny_args(dim=dim, n_heads=2, n_kv_heads=1, hidden_dim=hidden)
+    torch.manual_seed(seed)
+    block = llama.Block(args).double()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    cos, sin = llama.Transformer(tiny_args(dim=dim, n_heads=2, n_kv_heads=1, hidden_dim=hidden, n_layers=1)).rope(0, 6, "cpu")
+    return block, cos.double(), sin.double()
+
+
+def test_block_objective_gradient_reaches_every_angle_factor_and_clip(monkeypatch):
+    """Through the real block (softmax, SwiGLU, online transforms in their slots): every angle, every K x K factor
+    entry and every clip parameter gets a nonzero straight-through gradient; and with a smooth stand-in for the
+    quantizer, the chain rule through the whole block matches float64 finite differences."""
+    block, cos, sin = tiny_block()
+    weights = {n: block.get_submodule(n).weight.detach().clone() for _, ls in llama.SITES for n in ls}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 24, generator=g, dtype=torch.float64)
+    with torch.no_grad():      # the unquantized block's output, before the transforms take their slots
+        y = block(x, cos, sin)
+    transforms = {}
+    for slot, ls in llama.SITES:
+        T = bq.Transform(weights[ls[0]].shape[1], "random", g, dtype=torch.float64)
+        assert T.K > 1
+        with torch.no_grad():
+            T.A.normal_(0, 0.3, generator=g)
+        transforms[slot] = T
+        llama.swap_module(block, slot, T)
+    forward = lambda Wq, x: torch.func.functional_call(block, {f"{k}.weight": v for k, v in Wq.items()}, (x, cos, sin))  # noqa: E731
+    assert bq.block_loss(forward, weights, llama.SITES, transforms, x, y, bq.QuantConfig(8, 8)) < 1e-4 * y.pow(2).mean()
+    cfg = bq.QuantConfig(2, 8)
+    gammas = {n: (torch.randn(2, W.shape[0], W.shape[1] // 8, generator=g, dtype=torch.float64) + 2).requires_grad_()
+              for n, W in weights.items()}
+    params = [(f"{s}.theta", T.butterfly.theta) for s, T in transforms.items()] + \
+             [(f"{s}.A", T.A) for s, T in transforms.items()] + list(gammas.items())
+    upper = lambda name, t: t[torch.ones_like(t).triu(1).bool()] if name.endswith(".A") else t   # noqa: E731
+    loss = bq.block_loss(forward, weights, llama.SITES, transforms, x, y, cfg, gammas)
+    live = {}       # a clip factor acts where its group spans zero: min < 0 for the lower, max > 0 for the upper
+    for slot, ls in llama.SITES:
+        for n in ls:
+            Wr = transforms[slot](weights[n]).detach().view(weights[n].shape[0], -1, 8)
+            live[n] = torch.stack((Wr.amin(-1) < 0, Wr.amax(-1) > 0))
+    for (name, p), gr in zip(params, torch.autograd.grad(loss, [p for _, p in params])):
+        gr = gr[live[name]] if name in live else upper(name, gr)
+        assert torch.isfinite(gr).all() and (gr != 0).all(), f"{name}: entries without a gradient"
+
+    def smooth(w, cfg, gamma=None):     # differentiable everywhere, and it depends on both clip parameters
+        c = bq.expand_groups(torch.sigmoid(gamma[0]) + 2 * torch.sigmoid(gamma[1]), w.shape[1], cfg.group)
+        return w + 0.3 * torch.sin(3 * w) * c
+    monkeypatch.setattr(bq, "fake_quant_ste", smooth)
+    f = lambda: bq.block_loss(forward, weights, llama.SITES, transforms, x, y, cfg, gammas)   # noqa: E731
+    grads = torch.autograd.grad(f(), [p for _, p in params])
+    for (name, p), gr in zip(params, grads):
+        assert (upper(name, gr) != 0).all(), name
+        for _ in range(4):
+            idx = tuple(torch.randint(0, s, (1,), generator=g).item() for s in p.shape)
+            if name.endswith(".A"):
+                idx = (min(idx[0], p.shape[0] - 2), max(idx[1], min(idx[0], p.shape[0] - 2) + 1))
+            with torch.no_grad():
+                p[idx] += 1e-6
+                up = f().item()
+                p[idx] -= 2e-6
+                down = f().item()
+                p[idx] += 1e-6
+            assert abs((up - down) / 2e-6 - gr[idx].item()) <= 1e-6 + 1e-4 * abs(gr[idx].item()), (name, idx)
+
+
 # -----------------------------------------------------------------------------
 # calibrate.py + eval.py
 
@@ -623,6 +705,42 @@ def test_calibrate_bad_input_fails_cleanly(tmp_path):
     r = run_cli("calibrate.py", *argv3)
     assert_one_line_error(r, "NaN")
     assert not os.path.exists(out)
+
+
+@needs_shared
+def test_block_objective_calibration_of_stories260k_lowers_the_block_loss(tmp_path):
+    out, argv = tiny_calibrate(tmp_path, "--objective", "block", "--block_tokens", "64", "--steps", "8", "--lwc",
+                               "--rtn")
+    calibrate.main(argv)
+    header, _ = llama.read_safetensors(out)
+    blocks = [v for k, v in header["log"].items() if k.endswith(".block")]
+    assert len(blocks) == 5 and all(b["final"] <= b["start"] for b in blocks)
+    assert sum(b["final"] for b in blocks) < 0.95 * sum(b["start"] for b in blocks)
+    model, _ = llama.load(out)
+    assert header["settings"]["learn"]["objective"] == "block" and torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_kl_is_zero_against_itself_and_matches_a_float64_reference():
+    args = tiny_args()
+    a, b = llama.Transformer(args), llama.Transformer(args)
+    a.load_state_dict(random_state(args, 0))
+    b.load_state_dict(random_state(args, 1))
+    ids = torch.randint(0, args.vocab_size, (3 * 16 + 5,), generator=torch.Generator().manual_seed(0))
+    same = ev.compare(a, a, ids, seqlen=16)
+    assert same["kl"] == 0 and same["top1"] == 1 and same["ppl"] == same["ref_ppl"] and same["windows"] == 3
+    got = ev.compare(a, b, ids, seqlen=16)
+    kl, agree, nll = [], [], []
+    with torch.no_grad():
+        for w in ids[:48].view(3, 16):
+            p = torch.softmax(a.double()(w[None])[0, :-1].double(), -1)
+            q = torch.softmax(b.double()(w[None])[0, :-1].double(), -1)
+            kl += [sum(p[t, v] * math.log(p[t, v] / q[t, v]) for v in range(args.vocab_size)).item() for t in range(15)]
+            agree += (p.argmax(-1) == q.argmax(-1)).tolist()
+            nll += (-q[torch.arange(15), w[1:]].log()).tolist()
+    assert abs(got["kl"] - sum(kl) / len(kl)) < 1e-5 * sum(kl) / len(kl)
+    assert got["top1"] == sum(agree) / len(agree)
+    assert abs(got["ppl"] - math.exp(sum(nll) / len(nll))) < 1e-4 * got["ppl"]
+    assert abs(got["kl_p99"] - torch.quantile(torch.tensor(kl), 0.99).item()) < 1e-4
 
 
 def test_sweep_only_selects_full_row_names_exactly():
