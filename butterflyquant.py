@@ -9,6 +9,7 @@ We store Q(W T^T) and apply T to the input online, choosing T so that W T^T quan
 import copy
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -326,11 +327,11 @@ def uniformity_loss(z, bits, temperature=0.5):
 @dataclass
 class LearnConfig:
     init: str = "best"        # identity | hadamard | rhadamard | random | best (the better of identity and hadamard)
-    steps: int = 30
-    lr: float = 0.5
+    steps: Optional[int] = None   # per site (layer: 30) or per block (block: 40)
+    lr: Optional[float] = None    # layer: 0.5 with SGD; block: 0.01 with Adam
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
     checkpoints: int = 1      # times per site the iterate is scored with the final quantizer (the best is kept)
-    optim: str = "sgd"        # sgd (momentum 0.9) or adam, both cosine-decayed
+    optim: Optional[str] = None   # sgd (momentum 0.9) or adam, both cosine-decayed; layer: sgd, block: adam
     lambda_unif: float = 0.0  # weight of the uniformity regulariser
     objective: str = "layer"  # layer: each site alone (trace loss); block: the four sites of a block jointly
     batch: int = 2            # block objective: sequences per step
@@ -341,6 +342,10 @@ class LearnConfig:
     def __post_init__(self):
         if self.objective not in ("layer", "block"):
             raise ValueError(f"unknown objective {self.objective!r}")
+        block = self.objective == "block"
+        self.steps = (40 if block else 30) if self.steps is None else self.steps
+        self.lr = (0.01 if block else 0.5) if self.lr is None else self.lr
+        self.optim = ("adam" if block else "sgd") if self.optim is None else self.optim
         if self.batch < 1 or self.tokens < 2 or not (math.isfinite(self.clip_lr) and self.clip_lr > 0):
             raise ValueError("batch must be >= 1, tokens >= 2 and clip_lr positive")
         if self.init not in ("identity", "hadamard", "rhadamard", "random", "best"):

@@ -303,60 +303,82 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
 
 
 # -----------------------------------------------------------------------------
-# the results grid, as data: (row name, settings that differ from the command line's)
+# the results grid, as data: cells (bits, group, final quantizer) x rows (rotation and objective) x seeds
 
-SWEEP_QUANT = [(2, 128), (2, 64), (3, 128), (4, 128)]
-SWEEP_ROT = [("none", {}), ("hadamard", {}), ("random", {}), ("butterfly-identity", dict(init="identity")),
-             ("butterfly-hadamard", dict(init="hadamard")), ("butterfly-best", dict(init="best")),
-             ("butterfly-best-0.1", dict(init="best", lambda_unif=0.1))]
-SWEEP = [(f"w{b}g{g}-{q}-{name}", dict(bits=b, group=g, gptq=q == "gptq", rotation=name.split("-")[0], **learn))
-         for b, g in SWEEP_QUANT for q in ("rtn", "gptq") for name, learn in SWEEP_ROT]
+SWEEP_CELLS = [(2, 64, "gptq"), (3, 128, "gptq"), (2, 64, "rtn"), (3, 128, "rtn")]
+SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadamard")),
+              ("random", dict(rotation="random")), ("butterfly-layer", dict(rotation="butterfly")),
+              ("butterfly-block", dict(rotation="butterfly", objective="block")),
+              ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True))]
+SWEEP_SEEDS = (0, 1, 2)
+SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(bits=b, group=g, gptq=q == "gptq", seed=seed, **row))
+         for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in SWEEP_SEEDS]
 
 
 def sweep_rows(only=()):
     """The grid's rows (fp first) that `only` selects: a full row name selects itself alone
-    (w2g64-rtn-butterfly-best is not w2g64-rtn-butterfly-best-0.1); any other string matches as a substring."""
+    (w2g64-rtn-butterfly-block-s0 is not w2g64-rtn-butterfly-block-lwc-s0); any other string matches as a substring."""
     tags = {t for t, _ in SWEEP}
     return [("fp", None)] + [(t, x) for t, x in SWEEP if not only or any(o == t if o in tags else o in t for o in only)]
 
 
-def sweep(cc, qc, lc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.jsonl")):
-    """Every selected row through calibrate() and the same evaluation; finished rows are kept in `path`."""
+def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.jsonl")):
+    """Every selected row through calibrate() with its objective's default learning settings, then perplexity,
+    KL and top-1 agreement against the unquantized model on every eval file. Finished rows are kept in `path`:
+    a rerun continues where it stopped. Prints the table: mean and spread (min-max) over seeds."""
     done = {}
     if os.path.isfile(path):
         for line in open(path):
             r = json.loads(line)
             done[r["tag"]] = r
+    fp, tok = llama.load(cc.ckpt)
+    fp.to(cc.device)
+    data = {os.path.basename(f): evaluation.tokenize_corpus(tok, f) for f in eval_files}
     for tag, row in sweep_rows(only):
         if tag in done:
             continue
+        r = dict(tag=tag, device=cc.device, nsamples=cc.nsamples, eval_limit=eval_limit)
         if row is None:
-            model, tok = llama.load(cc.ckpt)
-            secs, bpw = 0.0, 16.0
+            r.update(bits_per_weight=16.0, calibration_seconds=0.0)
+            for name, ids in data.items():
+                r[name] = dict(ppl=evaluation.perplexity(fp, ids, cc.seqlen, eval_limit))
         else:
-            qrow = replace(qc, **{k: v for k, v in row.items() if k in ("bits", "group", "gptq")})
-            lrow = replace(lc, **{k: v for k, v in row.items() if k in ("init", "lambda_unif")})
-            res = calibrate(replace(cc, rotation=row["rotation"]), qrow, lrow,
+            qrow = replace(qc, bits=row["bits"], group=row["group"], gptq=row["gptq"])
+            lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False))
+            res = calibrate(replace(cc, rotation=row["rotation"], seed=row["seed"]), qrow, lrow,
                             os.path.join("out", f"sweep-{tag}.safetensors"))
-            model, tok = llama.load(res["out"])
-            secs, bpw = res["calibration_seconds"], res["bits_per_weight"]
-        model.to(cc.device)
-        r = dict(tag=tag, bits_per_weight=bpw, calibration_seconds=secs, device=cc.device, nsamples=cc.nsamples,
-                 eval_limit=eval_limit)
-        for f in eval_files:
-            ids = evaluation.tokenize_corpus(tok, f)
-            r[os.path.basename(f)] = round(evaluation.perplexity(model, ids, cc.seqlen, eval_limit), 3)
+            model = llama.load(res["out"])[0].to(cc.device)
+            r.update(bits_per_weight=res["bits_per_weight"], calibration_seconds=res["calibration_seconds"])
+            for name, ids in data.items():
+                r[name] = evaluation.compare(fp, model, ids, cc.seqlen, eval_limit)
+            del model
         print(json.dumps(r), flush=True)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a") as fh:
             fh.write(json.dumps(r) + "\n")
         done[tag] = r
-        del model
-    names = [os.path.basename(f) for f in eval_files]
-    print("\n| config | " + " | ".join(names) + " | bits/weight | calib s |\n|---|" + "---|" * (len(names) + 2))
-    for tag, r in done.items():
-        print(f"| {tag} | " + " | ".join(str(r.get(n, "-")) for n in names) +
-              f" | {r['bits_per_weight']} | {r['calibration_seconds']} |")
+    print(sweep_table(done, list(data)))
+
+
+def sweep_table(done, names):
+    """Markdown: one line per cell and row, mean [min-max] over the seeds that finished."""
+    lines = ["| cell | row | seeds | " + " | ".join(f"{n} ppl | {n} KL" for n in names) + " | calib s |",
+             "|---|---|---|" + "---|---|" * len(names) + "---|"]
+    if "fp" in done:
+        lines.append("| fp | - | - | " + " | ".join(f"{done['fp'][n]['ppl']:.3f} | 0" for n in names) + " | - |")
+    for b, g, q in SWEEP_CELLS:
+        for name, _ in SWEEP_ROWS:
+            rs = [done[t] for t in (f"w{b}g{g}-{q}-{name}-s{s}" for s in SWEEP_SEEDS) if t in done]
+            if not rs:
+                continue
+            cell = []
+            for n in names:
+                for k in ("ppl", "kl"):
+                    v = [r[n][k] for r in rs]
+                    cell.append(f"{sum(v) / len(v):.4g} [{min(v):.4g}-{max(v):.4g}]" if len(v) > 1 else f"{v[0]:.4g}")
+            secs = sum(r["calibration_seconds"] for r in rs) / len(rs)
+            lines.append(f"| w{b}g{g} {q} | {name} | {len(rs)} | " + " | ".join(cell) + f" | {secs:.0f} |")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +417,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=512, help="output rows per step (stochastic); 0 = all")
     p.add_argument("--checkpoints", type=int, default=1, help="times per site the iterate is scored with the "
                                                                     "final quantizer (the best is kept)")
-    p.add_argument("--optim", default="sgd", choices=["sgd", "adam"], help="sgd = momentum 0.9; both cosine-decayed")
+    p.add_argument("--optim", default=None, choices=["sgd", "adam"],
+                   help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd, block adam)")
     p.add_argument("--lambda_unif", type=float, default=0.0, help="weight of the uniformity regulariser")
     p.add_argument("--unif_tokens", type=int, default=256, help="tokens per site kept for the regulariser")
     p.add_argument("--seed", type=int, default=0)
@@ -422,11 +445,8 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be positive")
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
-        block = a.objective == "block"
-        lc = bq.LearnConfig(a.init, a.steps if a.steps is not None else 40 if block else 30,
-                            a.lr if a.lr is not None else 0.01 if block else 0.5, a.rows, a.checkpoints,
-                            "adam" if block else a.optim, a.lambda_unif, a.objective, a.block_batch, a.block_tokens,
-                            a.lwc)
+        lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, a.objective,
+                            a.block_batch, a.block_tokens, a.lwc)
     except ValueError as e:
         raise UserError(str(e)) from None
     if a.out is None:
@@ -449,7 +469,7 @@ def main(argv=None):
     if o["sweep"]:
         files = o["eval_data"] if o["eval_data"] is not None else [
             os.path.join(SHARED_DATA, f) for f in ("wikitext2_test.txt", "c4_eval.jsonl")]
-        return sweep(cc, qc, lc, o["sweep_only"], files, o["eval_limit"])
+        return sweep(cc, qc, o["sweep_only"], files, o["eval_limit"])
     files = o["eval_data"] if o["eval_data"] is not None else (
         [os.path.join(SHARED_DATA, "wikitext2_test.txt")] if os.path.isdir(SHARED_DATA) else [])
     if not o["no_eval"]:

@@ -744,13 +744,13 @@ def test_kl_is_zero_against_itself_and_matches_a_float64_reference():
 
 
 def test_sweep_only_selects_full_row_names_exactly():
-    tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]
-    assert tags(["w2g64-rtn-butterfly-best"]) == ["fp", "w2g64-rtn-butterfly-best"]       # not its -0.1 sibling
-    assert tags(["w3g128-gptq-butterfly"]) == ["fp"] + [f"w3g128-gptq-butterfly-{x}" for x in
-                                                         ("identity", "hadamard", "best", "best-0.1")]
-    assert len(tags([])) == 1 + 4 * 2 * 7 and len(set(tags([]))) == len(tags([]))
-    a = dict(calibrate.sweep_rows(["w4g128-rtn-butterfly-best-0.1"]))["w4g128-rtn-butterfly-best-0.1"]
-    assert (a["bits"], a["group"], a["gptq"], a["rotation"], a["init"], a["lambda_unif"]) == (4, 128, False, "butterfly", "best", 0.1)
+    tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]            # noqa: E731
+    assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
+    assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
+    assert len(tags([])) == 1 + 4 * 6 * 3 and len(set(tags([]))) == len(tags([]))
+    a = dict(calibrate.sweep_rows(["w3g128-rtn-butterfly-block-lwc-s2"]))["w3g128-rtn-butterfly-block-lwc-s2"]
+    assert (a["bits"], a["group"], a["gptq"], a["rotation"], a["objective"], a["lwc"], a["seed"]) == \
+        (3, 128, False, "butterfly", "block", True, 2)
 
 
 # -----------------------------------------------------------------------------
