@@ -235,9 +235,10 @@ def expand_groups(t, n, group):
 def quantize(w, cfg: QuantConfig, H=None, gamma=None):
     """Round to nearest: w (R, n) -> integers q (R, n) uint8, scale (R, G), zero (R, G).
     The range of each group: min-max shrunk by the clip search (cfg.clip), or by learned factors
-    sigmoid(gamma) (2, R, G) (OmniQuant's learnable weight clipping). Given the inputs' H (n, n), the search
-    scores the error weighted by diag(H), and each row keeps min-max where that gives the lower row loss
-    e H e^T: the layer loss trace(E H E^T) = sum over rows is then never above min-max's."""
+    sigmoid(gamma) (2, R, G) (OmniQuant's learnable weight clipping). Given the inputs' H (n, n), each row takes
+    the best of three ranges by its own loss e H e^T: the search scored by the error weighted with diag(H), the
+    unweighted search, and min-max. The layer loss trace(E H E^T) is a sum over rows, so it is never above
+    that of any of the three."""
     R, n = w.shape
     wg, mask = _grouped(w.float(), cfg.group)
     G, g = mask.shape
@@ -245,22 +246,26 @@ def quantize(w, cfg: QuantConfig, H=None, gamma=None):
     def rtn(scale, zero):
         return torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
 
+    def search(weight):
+        s, z = quant_params(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip,
+                            mask=None if weight is None else weight.expand(R, G, g).reshape(R * G, g))
+        return s.view(R, G), z.view(R, G)
+
     if gamma is not None:
         scale, zero = _minmax_params(wg.amin(-1) * torch.sigmoid(gamma[0]), wg.amax(-1) * torch.sigmoid(gamma[1]),
                                      cfg.bits, cfg.sym)
         return rtn(scale, zero).view(R, G * g)[:, :n].to(torch.uint8), scale, zero
-    weight = mask.expand(R, G, g)
-    if H is not None:
-        weight = weight * _grouped(torch.diagonal(H).float().view(1, n), cfg.group)[0]
-    scale, zero = quant_params(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip,
-                               mask=weight.reshape(R * G, g) if H is not None or mask.min() == 0 else None)
-    scale, zero = scale.view(R, G), zero.view(R, G)
+    scale, zero = search(mask if mask.min() == 0 else None)
     if H is not None and cfg.clip:
-        s0, z0 = _minmax_params(wg.amin(-1), wg.amax(-1), cfg.bits, cfg.sym)
-        row_loss = lambda s, z: (lambda E: ((E @ H.float()) * E).sum(1))(                 # noqa: E731
-            (s[..., None] * (rtn(s, z) - z[..., None])).view(R, G * g)[:, :n] - w.float())
-        keep = (row_loss(s0, z0) < row_loss(scale, zero))[:, None]
-        scale, zero = torch.where(keep, s0, scale), torch.where(keep, z0, zero)
+        def row_loss(s, z):
+            E = (s[..., None] * (rtn(s, z) - z[..., None])).view(R, G * g)[:, :n] - w.float()
+            return ((E @ H.float()) * E).sum(1)
+        best = row_loss(scale, zero)
+        diag = _grouped(torch.diagonal(H).float().view(1, n), cfg.group)[0] * mask
+        for s, z in (search(diag), _minmax_params(wg.amin(-1), wg.amax(-1), cfg.bits, cfg.sym)):
+            loss = row_loss(s, z)
+            better = (loss < best)[:, None]
+            scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(loss, best)
     return rtn(scale, zero).view(R, G * g)[:, :n].to(torch.uint8), scale, zero
 
 
