@@ -88,11 +88,11 @@ def find_dataset(name, use, hub=None):
         return out, f"{cached}, {hub_label}"
     if hub is None:
         return None
-    where = f"put {local} in $BQ_DATA"
+    where = f"put {local}{' or ' + cached if cached != local else ''} in $BQ_DATA"
     try:
         rows = hub(spec)
     except ImportError:
-        raise UserError(f"{name} ({hub_label}) is not here ({local} in $BQ_DATA or ../shared/data, or the cache): "
+        raise UserError(f"{name} ({hub_label}) not found in $BQ_DATA, ../shared/data or the cache: "
                         f"`pip install datasets` to fetch it from the Hugging Face hub, or {where}") from None
     except Exception as e:
         raise UserError(f"could not fetch {name} ({hub_label}) from the Hugging Face hub ({type(e).__name__}: "
@@ -256,8 +256,10 @@ def main():
     p = argparse.ArgumentParser(description="Perplexity, KL divergence and decode speed of a checkpoint or calibrated file.")
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, directory, .gguf or calibrated .safetensors")
     p.add_argument("--ref", default=None, help="reference checkpoint for KL divergence and top-1 agreement")
-    p.add_argument("--data", nargs="+", default=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                              "data", "wikitext2_test.txt")])
+    p.add_argument("--data", nargs="+", default=["wikitext2"],
+                   help="files (.txt, .jsonl), or wikitext2 (WikiText-2 test) or c4 (en validation shard 00000; locally "
+                        "c4_eval.jsonl, a C4-style sample), found in $BQ_DATA, ../shared/data, the cache, then the "
+                        "Hugging Face hub (needs `pip install datasets`)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--batch_size", type=int, default=1)
@@ -267,8 +269,12 @@ def main():
     p.add_argument("--speed", action="store_true", help="decode tokens/s instead of quality; a calibrated file is "
                                                        "timed beside the checkpoint it was made from")
     p.add_argument("--tokens", type=int, default=128, help="tokens to decode for --speed")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     a = p.parse_args()
+    global QUIET
+    QUIET = a.quiet
     dtype = getattr(torch, a.dtype)
+    data = [] if a.speed else [resolve_data(d, "eval") for d in a.data]     # a missing dataset fails before loading
     model, tok = llama.load(a.ckpt)
     if tok is None:
         raise UserError(f"{a.ckpt}: no tokenizer found beside the checkpoint")
@@ -286,17 +292,17 @@ def main():
             results.append(dict(ckpt=name, tokens_per_s=round(tps, 2), dtype=a.dtype, device=a.device))
     else:
         ref = llama.load(a.ref)[0].to(a.device, dtype) if a.ref else None
-        for path in a.data:
+        for path, label in data:
             ids = tokenize_corpus(tok, path)
             t0 = time.time()
             if ref is None:
                 ppl, se = ppl_and_error(token_nll(model, ids, a.seqlen, a.limit, a.batch_size, progress=True))
                 res = dict(ppl=round(ppl, 4), ppl_se=round(se, 4), windows=len(windows(ids, a.seqlen, a.limit)))
-                print(f"{os.path.basename(path)}: ppl {ppl:.4f} ± {se:.4f} ({res['windows']} windows of {a.seqlen})")
+                print(f"{label}: ppl {ppl:.4f} ± {se:.4f} ({res['windows']} windows of {a.seqlen})")
             else:
                 res = {k: round(v, 6) if isinstance(v, float) else v
                        for k, v in compare(ref, model, ids, a.seqlen, a.limit, progress=True).items()}
-                print(f"{os.path.basename(path)}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} (reference "
+                print(f"{label}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} (reference "
                       f"{res['ref_ppl']:.4f}), KL {res['kl']:.5f} ± {res['kl_se']:.5f}, KL p99 {res['kl_p99']:.4f}, "
                       f"top-1 agreement {100 * res['top1']:.2f}% ({res['windows']} windows of {a.seqlen})")
             results.append(dict(ckpt=a.ckpt, ref=a.ref, data=os.path.basename(path), seqlen=a.seqlen, dtype=a.dtype,
