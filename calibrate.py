@@ -31,8 +31,9 @@ import eval as evaluation
 import llama
 from llama import SITES, UserError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_DATA = os.path.join(os.environ.get("BQ_SHARED", os.path.join(HERE, "..", "shared")), "data")
+SHARED_DATA = evaluation.SHARED_DATA
+DATA_FREE_CPU = (16, 512)     # nsamples, seqlen sampled on a CPU without calibration text: the first run in minutes
+REPORT_CPU, REPORT_GPU = (8, 512), (32, 2048)     # the quality report's sampled text when no evaluation text is found
 SHORT = {"attention.rot_qkv": "qkv", "attention.rot_o": "o", "feed_forward.rot_up": "up", "feed_forward.rot_down": "down"}
 
 
@@ -40,7 +41,7 @@ SHORT = {"attention.rot_qkv": "qkv", "attention.rot_o": "o", "feed_forward.rot_u
 class CalibConfig:
     ckpt: str = "smollm2-135m"
     rotation: str = "butterfly"         # none | hadamard | random | butterfly (learned)
-    calib: Optional[str] = None         # calibration text (.txt / .jsonl); None: ../shared WikiText-103, else data-free
+    calib: Optional[str] = None         # .txt / .jsonl, wikitext2 or c4; None: local WikiText-103 or data-free
     nsamples: int = 32
     seqlen: int = 2048
     seed: int = 0
@@ -60,39 +61,29 @@ def settings(cc, qc, lc):
 
 def calibration_samples(cc, model, tok):
     """(nsamples random windows of seqlen tokens (N, T), a description of their source)."""
-    path = cc.calib
-    if path is None and os.path.isfile(os.path.join(SHARED_DATA, "wikitext103_valid.txt")):
-        path = os.path.join(SHARED_DATA, "wikitext103_valid.txt")
+    found = evaluation.resolve_data(cc.calib, "calib") if cc.calib else evaluation.find_dataset("wikitext2", "calib")
+    if found is None:   # on the device: sampling is most of a data-free run's forward passes
+        ids = evaluation.sample_text(model.to(cc.device), tok, cc.nsamples, cc.seqlen, cc.seed, "data-free calibration")
+        model.cpu()
+        return ids, "data-free: sampled from the model"
+    path, label = found
     g = torch.Generator().manual_seed(cc.seed)
-    if path is None:
-        return data_free_samples(cc, model, tok, g), "data-free (sampled from the model)"
     ids = evaluation.tokenize_corpus(tok, path)
     if ids.numel() and ids.max() >= model.args.vocab_size:
         raise UserError(f"the tokenizer produces id {int(ids.max())}, beyond the model's vocabulary ({model.args.vocab_size})")
     if ids.numel() <= cc.seqlen:
         raise UserError(f"{path}: {ids.numel()} tokens, fewer than one sample of --seqlen {cc.seqlen}")
     starts = torch.randint(0, ids.numel() - cc.seqlen, (cc.nsamples,), generator=g)
-    return torch.stack([ids[s:s + cc.seqlen] for s in starts.tolist()]), f"{os.path.basename(path)} ({ids.numel()} tokens)"
-
-
-def data_free_samples(cc, model, tok, g):
-    """No calibration text: sample it from the model itself (LLM-QAT's data-free calibration)."""
-    print(f"no calibration text given or found: sampling {cc.nsamples} x {cc.seqlen} tokens from the model "
-          f"(data-free calibration, slow on CPU)", file=sys.stderr)
-    out = []
-    for i in range(cc.nsamples):
-        first = int(torch.randint(0, tok.n_vocab, (1,), generator=g)) if tok.bos_id is None else tok.bos_id
-        seq = [first] + model.generate([first], cc.seqlen - 1, temperature=1.0, top_p=1.0, seed=cc.seed + i)
-        out.append(torch.tensor((seq + seq * cc.seqlen)[: cc.seqlen]))   # stopped early (EOS): repeat
-    return torch.stack(out)
+    return torch.stack([ids[s:s + cc.seqlen] for s in starts.tolist()]), f"{label} ({ids.numel()} tokens)"
 
 
 # -----------------------------------------------------------------------------
 # one block: collect, learn and quantize
 
 @torch.no_grad()
-def run_block(block, X, cos, sin, cc, capture=False):
-    """X (N, T, dim) on CPU -> block(X). capture: also, per site, H = sum x x^T / count and a token subsample."""
+def run_block(block, X, cos, sin, cc, capture=False, label=""):
+    """X (N, T, dim) on CPU -> block(X). capture: also, per site, H = sum x x^T / count and a token subsample.
+    label: the progress line's."""
     dev = cc.device
     stats, hooks = {}, []
     if capture:
@@ -108,10 +99,11 @@ def run_block(block, X, cos, sin, cc, capture=False):
                 k = max(1, cc.unif_tokens * x.shape[0] // (cc.nsamples * cc.seqlen))
                 st["sub"].append(x[torch.randint(0, x.shape[0], (k,), generator=g).to(dev)].float().cpu())
             hooks.append(block.get_submodule(linears[0]).register_forward_pre_hook(hook))
-    out = torch.empty_like(X)
+    out, t0 = torch.empty_like(X), time.time()
     try:
         for i in range(0, X.shape[0], cc.batch_size):
             out[i:i + cc.batch_size] = block(X[i:i + cc.batch_size].to(dev), cos, sin).cpu()
+            evaluation.progress_line(label, min(i + cc.batch_size, len(X)), len(X), t0, "samples", keep=False)
     finally:
         for h in hooks:
             h.remove()
@@ -160,11 +152,13 @@ def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
 def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None):
     """Choose T and quantize Q(W T^T) at every site of one block, then install the quantized block.
     Returns (the block's tensors, {slot: transform entry}, {site: relative layer loss before and after})."""
-    tensors, entries, log = {}, {}, {}
+    tensors, entries, log, t0 = {}, {}, {}, time.time()
     learned, starts, gammas, block_loss = {}, {}, None, None
     if cc.rotation == "butterfly" and lc.objective == "block":
         learned, starts, gammas, block_loss = learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer)
     for s_i, (slot, linears) in enumerate(SITES):
+        evaluation.progress_line(f"block {layer + 1}: learning and quantizing site", s_i + 1, len(SITES), t0,
+                                 SHORT[slot], keep=False)
         seed = cc.seed * 1000003 + 4 * layer + s_i
         Ws = [block.get_submodule(name).weight.detach().to(cc.device, torch.float32) for name in linears]
         W = torch.cat(Ws)                           # (sum of outs, n): linears sharing an input share T
@@ -210,10 +204,6 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
     tensors["ffn_norm.weight"] = block.ffn_norm.weight.detach().float().cpu()
     llama.install_quantized_block(block, tensors, entries, qc.bits, qc.group)
     return tensors, entries, log
-
-
-def fmt_time(s):
-    return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 # -----------------------------------------------------------------------------
@@ -264,16 +254,16 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
             except (KeyError, TypeError, ValueError) as e:
                 raise UserError(f"{bpath}: {e}; delete {partial} to start over") from None
             block.to(dev)
-            X, _ = run_block(block, X, cos, sin, cc)
+            X, _ = run_block(block, X, cos, sin, cc, label=f"block {l + 1}: forward (resumed)")
             block.cpu()
             site_log.update({f"layers.{l}.{k}": v for k, v in header["log"].items()})
             continue
-        Y, stats = run_block(block, X, cos, sin, cc, capture=True)        # the unquantized block's outputs
-        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin)
+        Y, stats = run_block(block, X, cos, sin, cc, capture=True, label=f"block {l + 1}: collecting H")
+        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin)   # Y: the fp outputs
         del Y
         del stats
         block.to(dev)
-        X, _ = run_block(block, X, cos, sin, cc)                        # inputs of the next block, quantized path
+        X, _ = run_block(block, X, cos, sin, cc, label=f"block {l + 1}: forward, quantized")   # the next inputs
         llama.write_safetensors(bpath, tensors, dict(transforms=entries, log=log))
         block.cpu()
         site_log.update({f"layers.{l}.{k}": v for k, v in log.items()})
@@ -282,8 +272,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
         bar = "#" * round(20 * (l + 1) / args.n_layers)
         sites = "  ".join(f"{k} {v['start']:.3f}->{v['final']:.3f}" if cc.rotation == "butterfly" else
                           f"{k} {v['final']:.3f}" for k, v in log.items())
-        print(f"block {l + 1:3d}/{args.n_layers} |{bar:<20}| {sites} | {time.time() - t0:5.1f}s eta {fmt_time(eta)}",
-              file=sys.stderr, flush=True)
+        evaluation.say(f"block {l + 1:3d}/{args.n_layers} |{bar:<20}| {sites} | {time.time() - t0:5.1f}s "
+                       f"eta {evaluation.fmt_time(eta)}")
     t_cal = time.time() - t_start
 
     packed = [m for m in model.modules() if m.__class__.__name__ == "QuantLinear"]
@@ -291,13 +281,13 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
     bpw = sum(bq.stored_bits_per_weight(m.qweight, m.scales, m.zeros, 1) for m in packed) / numel
     finals = [v["final"] for k, v in site_log.items() if not k.endswith(".block")]
     llama.save_quantized(out, model, tok, dict(bits=qc.bits, group=qc.group, sym=qc.sym), settings=sett,
-                         calib_source=source, log=site_log, bits_per_weight=round(bpw, 4),
-                         calibration_seconds=round(t_cal, 1), device=dev)
+                         calib_source=source, data_free=source.startswith("data-free"), log=site_log,
+                         bits_per_weight=round(bpw, 4), calibration_seconds=round(t_cal, 1), device=dev)
     shutil.rmtree(partial, ignore_errors=True)
     print(f"\nwrote {out}: {os.path.getsize(out) / 2 ** 20:.1f} MiB, {bpw:.3f} bits per packed weight "
           f"({numel / 1e6:.1f}M weights)", file=sys.stderr)
-    print(f"calibration {fmt_time(t_cal)} on {dev}; mean relative layer loss {sum(finals) / len(finals):.4f}",
-          file=sys.stderr)
+    print(f"calibration {evaluation.fmt_time(t_cal)} on {dev} ({source}); mean relative layer loss "
+          f"{sum(finals) / len(finals):.4f}", file=sys.stderr)
     return dict(out=out, bits_per_weight=round(bpw, 4), calibration_seconds=round(t_cal, 1),
                 mean_layer_loss=round(sum(finals) / len(finals), 5), calib_source=source, settings=sett)
 
@@ -400,12 +390,17 @@ def parse_args(argv=None):
     p.add_argument("--rtn", "--w_rtn", dest="gptq", action="store_false", help="round to nearest instead of GPTQ")
     p.add_argument("--act_order", action="store_true", help="GPTQ column order by decreasing H diagonal")
     p.add_argument("--calib", "--cal_dataset", default=None,
-                   help="calibration text (.txt or .jsonl; 'wikitext2' or 'c4' name the ../shared files); "
-                        "default: ../shared WikiText-103 valid, else text sampled from the model itself")
+                   help="calibration text (.txt or .jsonl), or wikitext2 (WikiText-103 valid locally, else WikiText-2 "
+                        "train) or c4 (en train shard 00000), found in $BQ_DATA, ../shared/data, the cache, then the "
+                        "Hugging Face hub (needs `pip install datasets`); default: local WikiText-103 valid, else "
+                        "data-free: text sampled from the model itself")
     p.add_argument("--nsamples", type=int, default=None,
                    help="calibration samples (default: 128, the paper's, on a GPU; 32 on CPU, where 128 x 2048 "
-                        "tokens take ~40 minutes of forward passes for SmolLM2 on 2 cores)")
-    p.add_argument("--seqlen", type=int, default=2048)
+                        "tokens take ~40 minutes of forward passes for SmolLM2 on 2 cores; data-free on CPU: %d)"
+                        % DATA_FREE_CPU[0])
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per sample and per evaluation window (default 2048; data-free on CPU: %d)"
+                        % DATA_FREE_CPU[1])
     p.add_argument("--objective", default="layer", choices=["layer", "block"],
                    help="layer: each site alone, trace(E H E^T) (the paper's); block: a block's four transforms "
                         "jointly on the block's output MSE")
@@ -425,21 +420,21 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=4, help="calibration samples per forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval_data", nargs="*", default=None,
-                   help="perplexity data after calibration (default: ../shared WikiText-2 test if present)")
+                   help="perplexity data after calibration: files, wikitext2 or c4 (default: local WikiText-2 test "
+                        "if found, else a report on text sampled from the unquantized model)")
     p.add_argument("--eval_limit", type=int, default=None,
                    help="first N windows only (default: all on a GPU, 16 on CPU where all 148 take ~13 min per model)")
     p.add_argument("--no_eval", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (sampling, blocks, windows)")
     p.add_argument("--sweep", action="store_true", help="run the README's results grid (resumable, out/sweep.jsonl)")
     p.add_argument("--sweep_only", default=None,
                    help="comma-separated sweep rows to run: full row names, or substrings such as w2g64")
     a = p.parse_args(argv)
     on_gpu = a.device.startswith("cuda")
-    if a.calib in ("wikitext2", "wikitext"):
-        a.calib = os.path.join(SHARED_DATA, "wikitext103_valid.txt")
-    elif a.calib == "c4":
-        a.calib = os.path.join(SHARED_DATA, "c4_calib.jsonl")
-    cc = CalibConfig(a.ckpt, a.rotation, a.calib, a.nsamples or (128 if on_gpu else 32), a.seqlen, a.seed,
-                     a.unif_tokens, a.batch_size, a.device)
+    data_free_cpu = not on_gpu and a.calib is None and evaluation.find_dataset("wikitext2", "calib") is None
+    nsamples = a.nsamples or (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
+    seqlen = a.seqlen or (DATA_FREE_CPU[1] if data_free_cpu else 2048)
+    cc = CalibConfig(a.ckpt, a.rotation, a.calib, nsamples, seqlen, a.seed, a.unif_tokens, a.batch_size, a.device)
     for name in ("nsamples", "seqlen", "batch_size"):
         if getattr(cc, name) < 1:
             raise UserError(f"--{name} must be positive")
@@ -455,41 +450,54 @@ def parse_args(argv=None):
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}.safetensors")
     eval_limit = a.eval_limit if a.eval_limit is not None else (None if on_gpu else 16)
-    opts = dict(out=a.out, eval_data=a.eval_data, eval_limit=eval_limit or None, no_eval=a.no_eval,
+    opts = dict(out=a.out, eval_data=a.eval_data, eval_limit=eval_limit or None, no_eval=a.no_eval, quiet=a.quiet,
+                eval_seqlen=a.seqlen or 2048, report=REPORT_GPU if on_gpu else REPORT_CPU,
                 sweep=a.sweep, sweep_only=[t for t in (a.sweep_only or "").split(",") if t])
     return cc, qc, lc, opts
 
 
 def main(argv=None):
     cc, qc, lc, o = parse_args(sys.argv[1:] if argv is None else argv)
+    evaluation.QUIET = o["quiet"]
     if not os.path.exists(cc.ckpt) and cc.ckpt not in llama.NAMED:
         llama.resolve_ckpt(cc.ckpt)     # one clear line for an unknown name
-    if cc.calib is not None and not os.path.isfile(cc.calib):
+    if cc.calib is not None and not os.path.isfile(evaluation.resolve_data(cc.calib, "calib")[0]):
         raise UserError(f"calibration file not found: {cc.calib}")
     if o["sweep"]:
         files = o["eval_data"] if o["eval_data"] is not None else [
             os.path.join(SHARED_DATA, f) for f in ("wikitext2_test.txt", "c4_eval.jsonl")]
         return sweep(cc, qc, o["sweep_only"], files, o["eval_limit"])
-    files = o["eval_data"] if o["eval_data"] is not None else (
-        [os.path.join(SHARED_DATA, "wikitext2_test.txt")] if os.path.isdir(SHARED_DATA) else [])
-    if not o["no_eval"]:
-        for path in files:
-            evaluation.read_corpus(path)        # fail now, not after calibrating
+    found = evaluation.find_dataset("wikitext2", "eval")
+    data = ([] if o["no_eval"] else [evaluation.resolve_data(d, "eval") for d in o["eval_data"]]
+            if o["eval_data"] is not None else [found] if found else [])
+    for path, _ in data:
+        evaluation.read_corpus(path)        # fail now, not after calibrating
     res = calibrate(cc, qc, lc, o["out"])
-    if not o["no_eval"] and files:
-        fp_model, _ = llama.load(cc.ckpt)
-        qmodel, qtok = llama.load(o["out"])             # the saved file, through the real loading path
-        fp_model.to(cc.device)
-        qmodel.to(cc.device)
-        for path in files:
-            ids = evaluation.tokenize_corpus(qtok, path)
-            fp = evaluation.perplexity(fp_model, ids, cc.seqlen, o["eval_limit"])
-            qp = evaluation.perplexity(qmodel, ids, cc.seqlen, o["eval_limit"])
-            nwin = min(ids.numel() // cc.seqlen, o["eval_limit"] or 10 ** 9)
-            name = os.path.basename(path)
-            print(f"{name}: perplexity {qp:.3f} quantized vs {fp:.3f} unquantized ({nwin} windows of {cc.seqlen})",
-                  file=sys.stderr)
-            res[f"ppl_{name}"], res[f"fp_ppl_{name}"], res["eval_windows"] = round(qp, 4), round(fp, 4), nwin
+    if o["no_eval"] or (o["eval_data"] is not None and not data):
+        print(json.dumps(res))
+        return res
+    fp_model, _ = llama.load(cc.ckpt)
+    qmodel, qtok = llama.load(o["out"])                 # the saved file, through the real loading path
+    fp_model.to(cc.device)
+    qmodel.to(cc.device)
+    T = o["eval_seqlen"]
+    for path, label in data:
+        ids = evaluation.tokenize_corpus(qtok, path)
+        fp = evaluation.perplexity(fp_model, ids, T, o["eval_limit"], progress=True)
+        qp = evaluation.perplexity(qmodel, ids, T, o["eval_limit"], progress=True)
+        nwin = min(ids.numel() // T, o["eval_limit"] or 10 ** 9)
+        name = os.path.basename(path)
+        print(f"{label}: perplexity {qp:.3f} quantized vs {fp:.3f} unquantized ({nwin} windows of {T})",
+              file=sys.stderr)
+        res[f"ppl_{name}"], res[f"fp_ppl_{name}"], res["eval_windows"] = round(qp, 4), round(fp, 4), nwin
+    if not data:    # no evaluation text anywhere: the quality on text the unquantized model writes
+        n, T = o["report"]
+        r = evaluation.sampled_report(fp_model, qmodel, qtok, n, T, cc.seed)
+        print(f"no evaluation text found; on {n} x {T} tokens sampled from the unquantized model (seed {r['seed']}): "
+              f"perplexity {r['ppl']:.3f} quantized vs {r['ref_ppl']:.3f} unquantized, KL {r['kl']:.4f} ± "
+              f"{r['kl_se']:.4f} (p99 {r['kl_p99']:.3f}), top-1 agreement {100 * r['top1']:.1f}% (model-sampled "
+              f"text, not a benchmark)", file=sys.stderr)
+        res["sampled_report"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}
     print(json.dumps(res))
     return res
 

@@ -43,6 +43,79 @@ def tokenize_corpus(tok, path):
     return torch.tensor(tok.encode(read_corpus(path)), dtype=torch.long)
 
 
+# -----------------------------------------------------------------------------
+# named datasets: a local file ($BQ_DATA, then ../shared/data), the cache, then the Hugging Face hub
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_DATA = os.path.join(os.environ.get("BQ_SHARED", os.path.join(HERE, "..", "shared")), "data")
+
+# (name, use) -> the local file and its label; the hub's standard split, its cache file and label.
+# Calibration and evaluation texts are distinct: WikiText-2 test is never calibrated on.
+DATASETS = {
+    ("wikitext2", "eval"): (("wikitext2_test.txt", "WikiText-2 test"),
+                            ("wikitext2_test.txt", "WikiText-2 test",
+                             dict(path="wikitext", name="wikitext-2-raw-v1", split="test"))),
+    ("wikitext2", "calib"): (("wikitext103_valid.txt", "WikiText-103 valid"),
+                             ("wikitext2_train.txt", "WikiText-2 train",
+                              dict(path="wikitext", name="wikitext-2-raw-v1", split="train"))),
+    ("c4", "eval"): (("c4_eval.jsonl", "a C4-style sample, not the c4/en validation shard"),
+                     ("c4_validation_00000.jsonl", "C4 en validation shard 00000",
+                      dict(path="allenai/c4", split="validation",
+                           data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}))),
+    ("c4", "calib"): (("c4_calib.jsonl", "a C4 sample"),
+                      ("c4_train_00000.jsonl", "C4 en train shard 00000 (GPTQ's)",
+                       dict(path="allenai/c4", split="train",
+                            data_files={"train": "en/c4-train.00000-of-01024.json.gz"}))),
+}
+
+
+def hub_rows(spec):
+    """The `text` column of a Hugging Face dataset split, through the optional `datasets` package."""
+    import datasets
+    return datasets.load_dataset(**spec)["text"]
+
+
+def find_dataset(name, use, hub=None):
+    """(path, label) of a named dataset: $BQ_DATA, ../shared/data, the cache, then (hub given: a function
+    spec -> rows of text) the Hugging Face hub, written once into the cache. Without hub: None when absent."""
+    (local, local_label), (cached, hub_label, spec) = DATASETS[(name, use)]
+    for root in (os.environ.get("BQ_DATA"), SHARED_DATA):
+        for fname, label in ((local, local_label), (cached, hub_label)):
+            if root and os.path.isfile(os.path.join(root, fname)):
+                return os.path.join(root, fname), f"{fname}, {label}"
+    out = os.path.join(llama.cache_dir(), "data", cached)
+    if os.path.isfile(out):
+        return out, f"{cached}, {hub_label}"
+    if hub is None:
+        return None
+    where = f"put {local}{' or ' + cached if cached != local else ''} in $BQ_DATA"
+    try:
+        rows = hub(spec)
+    except ImportError:
+        raise UserError(f"{name} ({hub_label}) not found in $BQ_DATA, ../shared/data or the cache: "
+                        f"`pip install datasets` to fetch it from the Hugging Face hub, or {where}") from None
+    except Exception as e:
+        raise UserError(f"could not fetch {name} ({hub_label}) from the Hugging Face hub ({type(e).__name__}: "
+                        f"{str(e)[:120]}): connect to the network, or {where}") from None
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w", encoding="utf-8") as f:   # the same layouts as the local files
+        if out.endswith(".jsonl"):
+            f.writelines(json.dumps(dict(text=t)) + "\n" for t in rows)
+        else:
+            f.write("\n\n".join(rows))
+    os.replace(out + ".tmp", out)
+    say(f"fetched {name} ({hub_label}) from the Hugging Face hub into {out}")
+    return out, f"{cached}, {hub_label}"
+
+
+def resolve_data(arg, use):
+    """A --data / --calib argument: a dataset name (fetched if need be) or a path. Returns (path, label)."""
+    name = {"wikitext": "wikitext2"}.get(arg, arg)
+    if name in ("wikitext2", "c4"):
+        return find_dataset(name, use, hub=hub_rows)
+    return arg, os.path.basename(arg)
+
+
 def windows(ids, seqlen, limit=None):
     """(n, seqlen) non-overlapping windows from the start of the token stream; limit: the first n only."""
     n = ids.numel() // seqlen
@@ -52,11 +125,28 @@ def windows(ids, seqlen, limit=None):
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def _progress(i, n, t0, what):
-    """One self-overwriting line on a terminal; nothing when stderr is a file or a pipe."""
-    if sys.stderr.isatty():
-        print(f"\r  window {i}/{n}  {what}  eta {(time.time() - t0) / i * (n - i):.0f}s", end="\n" if i == n else "",
-              file=sys.stderr, flush=True)
+QUIET = False       # --quiet: no progress lines at all
+
+
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def progress_line(label, i, n, t0, what="", keep=True):
+    """`label i/n what eta` as one self-overwriting line on a terminal; nothing when stderr is a file or a pipe, or
+    with --quiet. keep: end the line at i == n (else the caller's next line overwrites it)."""
+    if QUIET or not sys.stderr.isatty():
+        return
+    eta = (time.time() - t0) / max(i, 1) * (n - i)
+    print(f"\r\033[K  {label} {i}/{n}  {what}  eta {fmt_time(eta)}", end="\n" if keep and i == n else "",
+          file=sys.stderr, flush=True)
+
+
+def say(*msg):
+    """A status line on stderr unless --quiet (also in logs, unlike progress); on a terminal it replaces the
+    progress line."""
+    if not QUIET:
+        print("\r\033[K" if sys.stderr.isatty() else "", *msg, sep="", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -73,7 +163,7 @@ def token_nll(model, ids, seqlen=2048, limit=None, batch_size=1, progress=False)
             raise UserError("the model produced a non-finite loss (NaN/inf logits)")
         if progress:
             done = min(i + batch_size, len(win))
-            _progress(done, len(win), t0, f"ppl {math.exp(torch.cat(out).mean()):.3f}")
+            progress_line("window", done, len(win), t0, f"ppl {math.exp(torch.cat(out).mean()):.3f}")
     return torch.cat(out)
 
 
@@ -107,13 +197,42 @@ def compare(ref, model, ids, seqlen=2048, limit=None, progress=False):
         nll_r.append(-lr.gather(-1, y)[:, 0].double())
         nll_m.append(-lm.gather(-1, y)[:, 0].double())
         if progress:
-            _progress(i + 1, len(win), t0, f"KL {torch.cat(kl).mean():.4f}")
+            progress_line("window", i + 1, len(win), t0, f"KL {torch.cat(kl).mean():.4f}")
     kl, agree, nll_r, nll_m = (torch.cat(t) for t in (kl, agree, nll_r, nll_m))
     se = lambda t: t.std().item() / math.sqrt(t.numel())        # noqa: E731
     (ppl, ppl_se), (ref_ppl, ref_ppl_se) = ppl_and_error(nll_m), ppl_and_error(nll_r)
     return dict(windows=len(win), tokens=kl.numel(), ppl=ppl, ppl_se=ppl_se, ref_ppl=ref_ppl, ref_ppl_se=ref_ppl_se,
                 kl=kl.mean().item(), kl_se=se(kl), kl_p99=torch.quantile(kl.float(), 0.99).item(),
                 top1=agree.mean().item(), top1_se=se(agree))
+
+
+# -----------------------------------------------------------------------------
+# text sampled from the model: data-free calibration, and a quality report without a dataset
+
+REPORT_SEED = 10007     # added to --seed for the report's held-out text: never the calibration's own samples
+
+
+def sample_text(model, tok, nsamples, seqlen, seed, why):
+    """(nsamples, seqlen) ids sampled from the model at temperature 1, all rows in one batch with the KV cache.
+    Rows start at BOS (or a random token without one) and run to full length past any EOS, like documents
+    concatenated in a corpus."""
+    g = torch.Generator().manual_seed(seed)
+    first = (torch.full((nsamples, 1), tok.bos_id) if tok.bos_id is not None else
+             torch.randint(0, tok.n_vocab, (nsamples, 1), generator=g))
+    say(f"sampling {nsamples} x {seqlen} tokens from the model ({why})")
+    t0 = time.time()
+    new = model.generate_batch(first, seqlen - 1, temperature=1.0, top_p=1.0, seed=seed, on_step=lambda i, n:
+                               progress_line("sampling step", i, n, t0, f"{nsamples * i / (time.time() - t0):.0f} tok/s"))
+    dt = time.time() - t0
+    say(f"sampled {nsamples * seqlen} tokens in {fmt_time(dt)} ({nsamples * (seqlen - 1) / dt:.0f} tokens/s)")
+    return torch.cat([first, new], 1)
+
+
+def sampled_report(ref, model, tok, nsamples, seqlen, seed):
+    """No evaluation text: compare() on held-out text sampled from the unquantized `ref` with seed + REPORT_SEED.
+    The perplexities are on model-sampled text (ref's is about its own entropy there), not a benchmark's."""
+    ids = sample_text(ref, tok, nsamples, seqlen, seed + REPORT_SEED, "held-out text for the quality report")
+    return dict(compare(ref, model, ids.flatten(), seqlen, progress=True), seed=seed + REPORT_SEED, seqlen=seqlen)
 
 
 # -----------------------------------------------------------------------------
@@ -137,8 +256,10 @@ def main():
     p = argparse.ArgumentParser(description="Perplexity, KL divergence and decode speed of a checkpoint or calibrated file.")
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, directory, .gguf or calibrated .safetensors")
     p.add_argument("--ref", default=None, help="reference checkpoint for KL divergence and top-1 agreement")
-    p.add_argument("--data", nargs="+", default=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                              "data", "wikitext2_test.txt")])
+    p.add_argument("--data", nargs="+", default=["wikitext2"],
+                   help="files (.txt, .jsonl), or wikitext2 (WikiText-2 test) or c4 (en validation shard 00000; locally "
+                        "c4_eval.jsonl, a C4-style sample), found in $BQ_DATA, ../shared/data, the cache, then the "
+                        "Hugging Face hub (needs `pip install datasets`)")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N windows (quick checks)")
     p.add_argument("--batch_size", type=int, default=1)
@@ -148,8 +269,12 @@ def main():
     p.add_argument("--speed", action="store_true", help="decode tokens/s instead of quality; a calibrated file is "
                                                        "timed beside the checkpoint it was made from")
     p.add_argument("--tokens", type=int, default=128, help="tokens to decode for --speed")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     a = p.parse_args()
+    global QUIET
+    QUIET = a.quiet
     dtype = getattr(torch, a.dtype)
+    data = [] if a.speed else [resolve_data(d, "eval") for d in a.data]     # a missing dataset fails before loading
     model, tok = llama.load(a.ckpt)
     if tok is None:
         raise UserError(f"{a.ckpt}: no tokenizer found beside the checkpoint")
@@ -167,17 +292,17 @@ def main():
             results.append(dict(ckpt=name, tokens_per_s=round(tps, 2), dtype=a.dtype, device=a.device))
     else:
         ref = llama.load(a.ref)[0].to(a.device, dtype) if a.ref else None
-        for path in a.data:
+        for path, label in data:
             ids = tokenize_corpus(tok, path)
             t0 = time.time()
             if ref is None:
                 ppl, se = ppl_and_error(token_nll(model, ids, a.seqlen, a.limit, a.batch_size, progress=True))
                 res = dict(ppl=round(ppl, 4), ppl_se=round(se, 4), windows=len(windows(ids, a.seqlen, a.limit)))
-                print(f"{os.path.basename(path)}: ppl {ppl:.4f} ± {se:.4f} ({res['windows']} windows of {a.seqlen})")
+                print(f"{label}: ppl {ppl:.4f} ± {se:.4f} ({res['windows']} windows of {a.seqlen})")
             else:
                 res = {k: round(v, 6) if isinstance(v, float) else v
                        for k, v in compare(ref, model, ids, a.seqlen, a.limit, progress=True).items()}
-                print(f"{os.path.basename(path)}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} (reference "
+                print(f"{label}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} (reference "
                       f"{res['ref_ppl']:.4f}), KL {res['kl']:.5f} ± {res['kl_se']:.5f}, KL p99 {res['kl_p99']:.4f}, "
                       f"top-1 agreement {100 * res['top1']:.2f}% ({res['windows']} windows of {a.seqlen})")
             results.append(dict(ckpt=a.ckpt, ref=a.ref, data=os.path.basename(path), seqlen=a.seqlen, dtype=a.dtype,

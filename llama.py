@@ -215,36 +215,52 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(), seed=None):
-        """Sample with a KV cache. temperature 0 is greedy; top_p is nucleus sampling."""
+        """Sample one sequence with a KV cache: a list of new token ids, ending at the first stop id."""
+        out = self.generate_batch([prompt_ids], max_new_tokens, temperature, top_p, stop_ids, seed)[0].tolist()
+        stop = next((i for i, t in enumerate(out) if t in stop_ids), None)
+        return out if stop is None else out[:stop + 1]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=(), seed=None,
+                       on_step=None):
+        """Sample B sequences at once with one KV cache of batch B. prompts: B equal-length id lists or a (B, P)
+        tensor -> (B, max_new_tokens) new ids. temperature 0 is greedy; top_p is nucleus sampling; `seed` seeds a
+        torch.Generator, so a batch is reproducible. A row that emits a stop id keeps going (fixed shapes; the
+        data-free sampler wants full-length rows); generation ends early, with fewer columns, once every row has
+        stopped. on_step(step, steps) is called after each new token."""
         dev = self.tok_embeddings.weight.device
         dt = self.tok_embeddings.weight.dtype
-        total = len(prompt_ids) + max_new_tokens
+        x = torch.as_tensor(prompts, dtype=torch.long).to(dev)
+        B, total = x.shape[0], x.shape[1] + max_new_tokens
         for layer in self.layers:
             a = layer.attention
-            shape = (1, a.n_kv_heads, total, a.head_dim)
+            shape = (B, a.n_kv_heads, total, a.head_dim)
             a.cache = (torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        out, pos = [], 0
-        x = torch.tensor([prompt_ids], device=dev)
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        out, pos, stopped = [], 0, torch.zeros(B, dtype=torch.bool, device=dev)
         try:
-            for _ in range(max_new_tokens):
-                logits = self(x, start_pos=pos)[0, -1]
+            for step in range(max_new_tokens):
+                logits = self(x, start_pos=pos)[:, -1]                     # (B, vocab)
                 pos += x.shape[1]
                 if temperature <= 0:
-                    nxt = int(logits.argmax())
+                    nxt = logits.argmax(-1)
                 else:
                     probs = torch.softmax(logits / temperature, -1)
-                    p, order = probs.sort(descending=True)
-                    p[(p.cumsum(0) - p) > top_p] = 0     # keep the smallest prefix with mass >= top_p
-                    nxt = int(order[torch.multinomial(p / p.sum(), 1, generator=gen)])
+                    p, order = probs.sort(-1, descending=True)
+                    p[(p.cumsum(-1) - p) > top_p] = 0     # keep the smallest prefix with mass >= top_p
+                    nxt = order.gather(-1, torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=gen))[:, 0]
                 out.append(nxt)
-                if nxt in stop_ids:
+                if on_step is not None:
+                    on_step(step + 1, max_new_tokens)
+                stopped |= torch.isin(nxt, stops)
+                if bool(stopped.all()):
                     break
-                x = torch.tensor([[nxt]], device=dev)
+                x = nxt[:, None]
         finally:
             for layer in self.layers:
                 layer.attention.cache = None
-        return out
+        return torch.stack(out, 1).cpu() if out else torch.zeros(B, 0, dtype=torch.long)
 
 
 # -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Tests that need ../shared (the fixtures, stories260K, the tokenizers) or the Smo
 """
 import ast
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -942,3 +943,156 @@ def test_no_function_or_class_is_defined_in_two_files():
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "main":
                 assert node.name not in seen, f"{node.name} in {seen.get(node.name)}.py and {mod}.py"
                 seen[node.name] = mod
+
+
+# -----------------------------------------------------------------------------
+# the first run: data-free calibration, a quality report without a dataset, named datasets
+
+def test_batched_greedy_generation_equals_one_sequence_at_a_time():
+    args = tiny_args()
+    model = llama.Transformer(args)
+    model.load_state_dict(random_state(args, 2))
+    prompts = [[3, 14, 15, 92], [65, 35, 89, 79], [1, 2, 3, 4], [3, 14, 15, 92]]
+    batched = model.generate_batch(prompts, 10, temperature=0)
+    assert batched.shape == (4, 10)
+    for p, row in zip(prompts, batched.tolist()):
+        assert model.generate(p, 10, temperature=0) == row
+    # sampling: one seeded generator for the batch (reproducible); identical prompts still get their own draws
+    a = model.generate_batch(prompts, 16, temperature=1.0, seed=5)
+    assert torch.equal(a, model.generate_batch(prompts, 16, temperature=1.0, seed=5))
+    assert not torch.equal(a[0], a[3])
+    # a row that emits a stop id keeps going; generate() cuts its one row at the stop id
+    stop = next(t for t in batched[0].tolist() if t not in batched[2].tolist())    # row 2 never stops
+    k = batched[0].tolist().index(stop)
+    assert model.generate(prompts[0], 10, temperature=0, stop_ids=(stop,)) == batched[0, :k + 1].tolist()
+    assert torch.equal(model.generate_batch(prompts, 10, temperature=0, stop_ids=(stop,)), batched)
+
+
+def test_progress_lines_only_on_a_terminal_and_never_with_quiet(monkeypatch):
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    for stream, quiet, shown in [(Tty(), False, True), (io.StringIO(), False, False), (Tty(), True, False)]:
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.setattr(ev, "QUIET", quiet)
+        ev.progress_line("window", 1, 2, 0.0, "ppl 3.000")
+        ev.say("block   1/5")
+        out = stream.getvalue()
+        assert ("window 1/2" in out) == shown and ("block   1/5" in out) == (not quiet), (quiet, out)
+
+
+def test_data_free_defaults_apply_only_without_calibration_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("BQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("BQ_DATA", raising=False)
+    monkeypatch.setattr(ev, "SHARED_DATA", str(tmp_path / "none"))
+    cc = calibrate.parse_args(["--device", "cpu"])[0]
+    assert (cc.nsamples, cc.seqlen) == calibrate.DATA_FREE_CPU and cc.calib is None
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "wikitext103_valid.txt").write_text("some text")
+    monkeypatch.setenv("BQ_DATA", str(tmp_path / "data"))
+    cc = calibrate.parse_args(["--device", "cpu"])[0]
+    assert (cc.nsamples, cc.seqlen) == (32, 2048)
+    assert calibrate.parse_args(["--device", "cpu", "--nsamples", "3", "--seqlen", "64"])[0].nsamples == 3
+
+
+@needs_shared
+def test_no_dataset_report_end_to_end_on_stories260k(tmp_path, monkeypatch, capsys):
+    """No calibration or evaluation text anywhere: data-free calibration, then the report on held-out sampled text,
+    its numbers recomputed here with eval's perplexity and a KL written out separately."""
+    monkeypatch.setenv("BQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("BQ_DATA", raising=False)
+    monkeypatch.setattr(ev, "SHARED_DATA", str(tmp_path / "none"))
+    monkeypatch.setattr(calibrate, "REPORT_CPU", (3, 64))
+    real, texts = ev.sample_text, []
+
+    def recording(model, tok, n, T, seed, why):
+        texts.append((seed, real(model, tok, n, T, seed, why)))
+        return texts[-1][1]
+    monkeypatch.setattr(ev, "sample_text", recording)
+    out = str(tmp_path / "q.safetensors")
+    res = calibrate.main(["--ckpt", STORIES, "--out", out, "--nsamples", "4", "--seqlen", "128", "--steps", "4",
+                          "--rows", "0", "--bits", "2", "--group", "32", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("block ") == 5                  # not a terminal: one line per block
+    assert any(ln.startswith("calibration ") and "data-free" in ln for ln in err.splitlines()), err
+    assert "model-sampled text" in err and "sampled from the unquantized model" in err
+    header = llama.read_safetensors(out)[0]
+    assert header["data_free"] is True and header["calib_source"].startswith("data-free")
+    (s0, calib_ids), (s1, held_out) = texts
+    assert calib_ids.shape == (4, 128) and held_out.shape == (3, 64) and s1 == s0 + ev.REPORT_SEED
+    assert not torch.equal(calib_ids[:, :64][:3], held_out)
+    fp, tok = llama.load(STORIES)
+    q, _ = llama.load(out)
+    assert torch.equal(real(fp, tok, 3, 64, s1, "again"), held_out)                        # reproducible
+    r = res["sampled_report"]
+    ids = held_out.flatten()
+    assert abs(r["ref_ppl"] - ev.perplexity(fp, ids, 64)) < 1e-3 * r["ref_ppl"]
+    assert abs(r["ppl"] - ev.perplexity(q, ids, 64)) < 1e-3 * r["ppl"]
+    kl, agree = [], []
+    with torch.no_grad():
+        for row in held_out:
+            p = torch.softmax(fp(row[None])[0, :-1].double(), -1)
+            m = torch.softmax(q(row[None])[0, :-1].double(), -1)
+            kl.append((p * (p.log() - m.log())).sum(-1))
+            agree.append((p.argmax(-1) == m.argmax(-1)).double())
+    assert abs(r["kl"] - torch.cat(kl).mean().item()) < 1e-4 + 1e-3 * r["kl"]
+    assert abs(r["top1"] - torch.cat(agree).mean().item()) < 1e-5              # the report rounds to 5 places
+    assert r["ppl"] > r["ref_ppl"] and 0 < r["top1"] < 1
+
+
+def test_named_datasets_resolve_local_then_cache_then_hub(tmp_path, monkeypatch):
+    bq_data, shared, cache = tmp_path / "bq_data", tmp_path / "shared", tmp_path / "cache"
+    bq_data.mkdir()
+    shared.mkdir()
+    monkeypatch.setenv("BQ_DATA", str(bq_data))
+    monkeypatch.setenv("BQ_CACHE", str(cache))
+    monkeypatch.setattr(ev, "SHARED_DATA", str(shared))
+    calls = []
+
+    def stand_in(spec):     # the hub's `text` column for the asked split
+        calls.append(spec)
+        return [f"{spec['split']} one", f"{spec['split']} two"]
+    assert ev.find_dataset("wikitext2", "eval") is None                     # nothing anywhere, no hub asked
+    path, label = ev.find_dataset("wikitext2", "eval", hub=stand_in)
+    assert calls == [dict(path="wikitext", name="wikitext-2-raw-v1", split="test")]
+    assert path == str(cache / "data" / "wikitext2_test.txt") and "WikiText-2 test" in label
+    assert ev.read_corpus(path) == "test one\n\ntest two"                  # the GPTQ string: rows joined with \n\n
+    assert ev.find_dataset("wikitext2", "eval", hub=stand_in)[0] == path and len(calls) == 1   # the cache, once
+    (shared / "wikitext2_test.txt").write_text("shared")
+    assert ev.find_dataset("wikitext2", "eval", hub=stand_in)[0] == str(shared / "wikitext2_test.txt")
+    (bq_data / "wikitext2_test.txt").write_text("mine")
+    assert ev.find_dataset("wikitext2", "eval", hub=stand_in)[0] == str(bq_data / "wikitext2_test.txt")
+    # calibration and evaluation texts stay distinct; C4 is GPTQ's shards, and the local C4 sample says what it is
+    path, label = ev.find_dataset("c4", "eval", hub=stand_in)
+    assert calls[-1]["data_files"] == {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    assert ev.read_corpus(path) == "validation one\n\nvalidation two" and "validation shard 00000" in label
+    ev.find_dataset("c4", "calib", hub=stand_in)
+    assert calls[-1]["data_files"] == {"train": "en/c4-train.00000-of-01024.json.gz"}
+    ev.find_dataset("wikitext2", "calib", hub=stand_in)
+    assert calls[-1]["split"] == "train"
+    (shared / "wikitext103_valid.txt").write_text("valid")
+    assert ev.find_dataset("wikitext2", "calib")[0] == str(shared / "wikitext103_valid.txt")
+    (shared / "c4_eval.jsonl").write_text('{"text": "x"}\n')
+    assert "not the c4/en validation shard" in ev.find_dataset("c4", "eval")[1]
+    # no `datasets`, or no network: one line that says what to do
+    for exc, needles in [(ImportError("No module named 'datasets'"), ["pip install datasets", "$BQ_DATA"]),
+                         (ConnectionError("offline"), ["could not fetch", "connect to the network", "$BQ_DATA"])]:
+        def failing(spec, exc=exc):
+            raise exc
+        monkeypatch.setenv("BQ_CACHE", str(tmp_path / f"empty-{type(exc).__name__}"))
+        monkeypatch.setenv("BQ_DATA", str(tmp_path / "nowhere"))
+        with pytest.raises(llama.UserError) as e:
+            ev.find_dataset("c4", "calib", hub=failing)
+        assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_named_dataset_missing_is_one_line_from_both_clis(tmp_path):
+    env = dict(BQ_SHARED=str(tmp_path / "none"), BQ_DATA=str(tmp_path / "none"), BQ_CACHE=str(tmp_path / "cache"),
+               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    needle = "could not fetch" if importlib.util.find_spec("datasets") else "pip install datasets"
+    assert_one_line_error(run_cli("eval.py", "--ckpt", str(tmp_path / "x.gguf"), "--data", "c4", env=env), needle,
+                          "C4 en validation shard 00000")
+    assert_one_line_error(run_cli("calibrate.py", "--calib", "c4", "--no_eval", env=env), needle,
+                          "C4 en train shard 00000")
