@@ -301,9 +301,12 @@ def sweep(cc, qc, lc, only, eval_files, eval_limit, path=os.path.join("out", "sw
     """Every selected row through calibrate() and the same evaluation; finished rows are kept in `path`."""
     done = {}
     if os.path.isfile(path):
-        for line in open(path):
-            r = json.loads(line)
-            done[r["tag"]] = r
+        for i, line in enumerate(open(path), 1):
+            try:
+                r = json.loads(line)
+                done[r["tag"]] = r
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} line {i}: not a sweep result; fix or delete the line") from None
     for tag, row in sweep_rows(only):
         if tag in done:
             continue
@@ -386,7 +389,7 @@ def parse_args(argv=None):
         a.calib = os.path.join(SHARED_DATA, "wikitext103_valid.txt")
     elif a.calib == "c4":
         a.calib = os.path.join(SHARED_DATA, "c4_calib.jsonl")
-    cc = CalibConfig(a.ckpt, a.rotation, a.calib, a.nsamples or (128 if on_gpu else 32), a.seqlen, a.seed,
+    cc = CalibConfig(a.ckpt, a.rotation, a.calib, a.nsamples if a.nsamples is not None else (128 if on_gpu else 32), a.seqlen, a.seed,
                      a.unif_tokens, a.batch_size, a.device)
     for name in ("nsamples", "seqlen", "batch_size", "unif_tokens"):
         if getattr(cc, name) < 1:
