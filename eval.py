@@ -211,6 +211,8 @@ def main():
                       f"top-1 agreement {100 * res['top1']:.2f}% ({res['windows']} windows of {a.seqlen})")
             results.append(dict(ckpt=a.ckpt, ref=a.ref, data=os.path.basename(path), seqlen=a.seqlen, dtype=a.dtype,
                                 seconds=round(time.time() - t0, 1), **res))
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     for r in results:
         if a.out:
             with open(a.out, "a") as f:
