@@ -15,6 +15,7 @@ For each block, in order:
 The same code path runs the baselines (--rotation none / hadamard / random), so the comparison is fair.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from llama import SITES, UserError
 SHARED_DATA = evaluation.SHARED_DATA
 DATA_FREE_CPU = (16, 512)     # nsamples, seqlen sampled on a CPU without calibration text: the first run in minutes
 REPORT_CPU, REPORT_GPU = (8, 512), (32, 2048)     # the quality report's sampled text when no evaluation text is found
+LOWER_LR = "lower --lr and delete the .partial folder beside --out (its blocks were made with this --lr)"
 SHORT = {"attention.rot_qkv": "qkv", "attention.rot_o": "o", "feed_forward.rot_up": "up", "feed_forward.rot_down": "down"}
 
 
@@ -145,7 +147,7 @@ def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
         start, end = bq.learn_block(forward, weights, SITES, transforms, X[:, :n_tok], Y[:, :n_tok].to(dev), qc,
                                     lc, gammas, g)
     except bq.LearningError as e:
-        raise UserError(f"{e}: lower --lr") from None
+        raise UserError(f"{e}: {LOWER_LR if layer else 'lower --lr'}") from None
     return transforms, starts, gammas, (start, end)
 
 
@@ -179,7 +181,7 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
                 else:
                     T, first, after, (q, s, z) = bq.learn_transform(W, H, qc, lc, seed, stats[slot]["sub"])
             except bq.LearningError as e:
-                raise UserError(f"{e}: lower --lr") from None
+                raise UserError(f"{e}: {LOWER_LR if layer else 'lower --lr'}") from None
             entries[slot], tensors[f"{slot}.theta"], Q = T.export()
             if Q is not None:
                 tensors[f"{slot}.Q"] = Q
@@ -209,30 +211,46 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
 # -----------------------------------------------------------------------------
 # the driver: collect -> learn and quantize a block -> write, resumable
 
-def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
-    """Calibrate cc.ckpt and write `out`; returns a summary dict. OUT.partial/ keeps finished blocks."""
+def fingerprint(model):
+    """blake2b of every tensor (name, dtype, shape, bytes): a resumed run must see the same weights, not just the
+    same path."""
+    h = hashlib.blake2b(digest_size=16)
+    for k, v in model.state_dict().items():
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval_files=()):
+    """Calibrate cc.ckpt and write `out`; returns a summary dict. Everything is checked before any work;
+    OUT.partial/ appears with the first finished block and keeps the finished blocks."""
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
     if tok is None:
         raise UserError(f"{cc.ckpt}: no tokenizer found beside the checkpoint")
     args = model.args
+    if cc.seqlen > args.max_seq_len:
+        raise UserError(f"--seqlen {cc.seqlen}: beyond the model's context of {args.max_seq_len} tokens")
+    if qc.group > max(args.dim, args.hidden_dim):
+        raise UserError(f"--group {qc.group}: wider than every linear's input (at most {max(args.dim, args.hidden_dim)}); "
+                        f"0 is one group per row")
+    llama.check_memory(3 * cc.nsamples * cc.seqlen * args.dim * 4, f"--nsamples {cc.nsamples} x --seqlen {cc.seqlen}")
+    for path in eval_files:     # fail now, not after calibrating
+        evaluation.windows(evaluation.tokenize_corpus(tok, path), cc.seqlen)
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
     partial = out + ".partial"
-    sett = settings(cc, qc, lc)
+    sett = dict(settings(cc, qc, lc), ckpt_fingerprint=fingerprint(model))
     if os.path.isdir(partial):
-        try:
-            old = json.load(open(os.path.join(partial, "settings.json")))
-        except (OSError, ValueError):
-            old = None
+        sj = os.path.join(partial, "settings.json")
+        old = llama.read_json(sj) if os.path.isfile(sj) else None
         if old != sett:
-            raise UserError(f"{partial} holds a run with other settings; delete it or rerun with the same arguments")
+            changed = old is not None and {k: v for k, v in old.items() if k != "ckpt_fingerprint"} == \
+                {k: v for k, v in sett.items() if k != "ckpt_fingerprint"}
+            raise UserError(f"{partial} holds a run " + ("of other checkpoint contents (the weights at --ckpt "
+                            "changed)" if changed else "with other settings") +
+                            "; delete it to start over, or rerun with the same arguments and checkpoint")
         print(f"resuming from {partial}", file=sys.stderr)
-    else:
-        os.makedirs(partial)
-        with open(os.path.join(partial, "settings.json.tmp"), "w") as f:
-            json.dump(sett, f)
-        os.replace(os.path.join(partial, "settings.json.tmp"), os.path.join(partial, "settings.json"))
 
     dev = cc.device
     print(f"calibrating {cc.ckpt}: {args.n_layers} blocks, dim {args.dim}, ffn {args.hidden_dim} | W{qc.bits} "
@@ -250,6 +268,10 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
         if os.path.isfile(bpath):       # finished in an earlier run: rebuild it and move on
             header, tensors = llama.read_safetensors(bpath)
             try:
+                slots = set() if cc.rotation == "none" else {slot for slot, _ in SITES}
+                if set(header["transforms"]) != slots or set(header["log"]) - {"block"} != set(SHORT.values()):
+                    raise ValueError(f"transforms {sorted(header['transforms'])}, want {sorted(slots)}")
+                llama.check_finite(tensors, bpath)
                 llama.install_quantized_block(block, tensors, header["transforms"], qc.bits, qc.group)
             except (KeyError, TypeError, ValueError) as e:
                 raise UserError(f"{bpath}: {e}; delete {partial} to start over") from None
@@ -264,6 +286,12 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out):
         del stats
         block.to(dev)
         X, _ = run_block(block, X, cos, sin, cc, label=f"block {l + 1}: forward, quantized")   # the next inputs
+        llama.check_finite(tensors, f"block {l} after quantization (fp16 scales overflow?)")
+        if not os.path.isfile(os.path.join(partial, "settings.json")):     # the first finished block
+            os.makedirs(partial, exist_ok=True)
+            with open(os.path.join(partial, "settings.json.tmp"), "w") as f:
+                json.dump(sett, f)
+            os.replace(os.path.join(partial, "settings.json.tmp"), os.path.join(partial, "settings.json"))
         llama.write_safetensors(bpath, tensors, dict(transforms=entries, log=log))
         block.cpu()
         site_log.update({f"layers.{l}.{k}": v for k, v in log.items()})
@@ -318,9 +346,12 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
     a rerun continues where it stopped. Prints the table: mean and spread (min-max) over seeds."""
     done = {}
     if os.path.isfile(path):
-        for line in open(path):
-            r = json.loads(line)
-            done[r["tag"]] = r
+        for i, line in enumerate(open(path), 1):
+            try:
+                r = json.loads(line)
+                done[r["tag"]] = r
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path} line {i}: not a sweep result; fix or delete the line") from None
     fp, tok = llama.load(cc.ckpt)
     fp.to(cc.device)
     data = {os.path.basename(f): evaluation.tokenize_corpus(tok, f) for f in eval_files}
@@ -376,7 +407,7 @@ def sweep_table(done, names):
 
 def parse_args(argv=None):
     """Flags -> (CalibConfig, QuantConfig, LearnConfig, the other options)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = llama.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, Meta/HF directory or .gguf")
     p.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>-<settings>.safetensors)")
     p.add_argument("--rotation", default="butterfly", choices=["none", "hadamard", "random", "butterfly"])
@@ -432,12 +463,15 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     on_gpu = a.device.startswith("cuda")
     data_free_cpu = not on_gpu and a.calib is None and evaluation.find_dataset("wikitext2", "calib") is None
-    nsamples = a.nsamples or (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
-    seqlen = a.seqlen or (DATA_FREE_CPU[1] if data_free_cpu else 2048)
+    nsamples = a.nsamples if a.nsamples is not None else (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
+    seqlen = a.seqlen if a.seqlen is not None else (DATA_FREE_CPU[1] if data_free_cpu else 2048)
     cc = CalibConfig(a.ckpt, a.rotation, a.calib, nsamples, seqlen, a.seed, a.unif_tokens, a.batch_size, a.device)
-    for name in ("nsamples", "seqlen", "batch_size"):
+    for name in ("nsamples", "seqlen", "batch_size", "unif_tokens"):
         if getattr(cc, name) < 1:
             raise UserError(f"--{name} must be positive")
+    if not 0 <= cc.seed < 2 ** 32 or (a.eval_limit is not None and a.eval_limit < 1):
+        raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
+    llama.check_device(cc.device)
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
         lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, a.objective,
@@ -449,6 +483,15 @@ def parse_args(argv=None):
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}.safetensors")
+    inputs = [cc.ckpt, cc.calib, os.path.join(SHARED_DATA, "wikitext103_valid.txt")] + (a.eval_data or [])
+    llama.check_output(a.out, inputs, suffix=".safetensors")
+    if os.path.isfile(a.out):
+        try:
+            llama.read_safetensors(a.out)
+        except UserError:
+            raise UserError(f"--out {a.out} exists and is not a ButterflyQuant file: refusing to overwrite it") from None
+    if os.path.exists(a.out + ".partial") and not os.path.isdir(a.out + ".partial"):
+        raise UserError(f"{a.out}.partial exists and is not a directory")
     eval_limit = a.eval_limit if a.eval_limit is not None else (None if on_gpu else 16)
     opts = dict(out=a.out, eval_data=a.eval_data, eval_limit=eval_limit or None, no_eval=a.no_eval, quiet=a.quiet,
                 eval_seqlen=a.seqlen or 2048, report=REPORT_GPU if on_gpu else REPORT_CPU,
@@ -461,6 +504,8 @@ def main(argv=None):
     evaluation.QUIET = o["quiet"]
     if not os.path.exists(cc.ckpt) and cc.ckpt not in llama.NAMED:
         llama.resolve_ckpt(cc.ckpt)     # one clear line for an unknown name
+    if cc.ckpt.endswith(".safetensors"):
+        raise UserError(f"{cc.ckpt} is a calibrated (already quantized) file: calibrate its full-precision checkpoint")
     if cc.calib is not None and not os.path.isfile(evaluation.resolve_data(cc.calib, "calib")[0]):
         raise UserError(f"calibration file not found: {cc.calib}")
     if o["sweep"]:
@@ -472,7 +517,7 @@ def main(argv=None):
             if o["eval_data"] is not None else [found] if found else [])
     for path, _ in data:
         evaluation.read_corpus(path)        # fail now, not after calibrating
-    res = calibrate(cc, qc, lc, o["out"])
+    res = calibrate(cc, qc, lc, o["out"], [path for path, _ in data])
     if o["no_eval"] or (o["eval_data"] is not None and not data):
         print(json.dumps(res))
         return res

@@ -11,7 +11,6 @@ two quantizations with fewer windows than perplexity does.
     python eval.py --ckpt out/FILE.safetensors --ref smollm2-135m --data ../shared/data/c4_eval.jsonl --limit 8
     python eval.py --ckpt out/FILE.safetensors --speed                # decode tokens/s, beside the fp model's
 """
-import argparse
 import json
 import math
 import os
@@ -30,12 +29,18 @@ def read_corpus(path):
     if not os.path.isfile(path):
         raise UserError(f"data file not found: {path}")
     try:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
         with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
+            if not path.endswith(".jsonl"):
+                return f.read()
+            texts = []
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not (isinstance(row, dict) and isinstance(row.get("text"), str)):
+                        raise UserError(f"{path} line {i}: want an object with a string \"text\", got {line[:60]!r}")
+                    texts.append(row["text"])
+            return "\n\n".join(texts)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {type(e).__name__}: {str(e)[:100]}") from None
 
 
@@ -253,7 +258,7 @@ def decode_speed(model, prompt_len=16, tokens=128):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Perplexity, KL divergence and decode speed of a checkpoint or calibrated file.")
+    p = llama.ArgumentParser(description="Perplexity, KL divergence and decode speed of a checkpoint or calibrated file.")
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, directory, .gguf or calibrated .safetensors")
     p.add_argument("--ref", default=None, help="reference checkpoint for KL divergence and top-1 agreement")
     p.add_argument("--data", nargs="+", default=["wikitext2"],
@@ -273,17 +278,37 @@ def main():
     a = p.parse_args()
     global QUIET
     QUIET = a.quiet
+    if a.seqlen < 2 or (a.limit is not None and a.limit < 1) or a.batch_size < 1 or a.tokens < 1:
+        raise UserError("--seqlen must be >= 2 (a window predicts seqlen - 1 tokens); --limit, --batch_size and "
+                        "--tokens >= 1")
+    llama.check_device(a.device)
+    if a.out is not None:
+        llama.check_output(a.out, [a.ckpt, a.ref] + [d for d in a.data if os.path.exists(d)])
+        if os.path.isfile(a.out) and os.path.getsize(a.out):    # appended to: it must already be JSON lines
+            with open(a.out, "rb") as f:
+                first = f.read(1 << 16).split(b"\n", 1)[0]
+            try:
+                assert isinstance(json.loads(first), dict)
+            except (ValueError, AssertionError):
+                raise UserError(f"--out {a.out} exists and is not a JSON-lines file: refusing to append to it") from None
     dtype = getattr(torch, a.dtype)
     data = [] if a.speed else [resolve_data(d, "eval") for d in a.data]     # a missing dataset fails before loading
+    corpora = [read_corpus(path) for path, _ in data]                       # bad data fails before the model loads
     model, tok = llama.load(a.ckpt)
     if tok is None:
         raise UserError(f"{a.ckpt}: no tokenizer found beside the checkpoint")
+    ctx = model.args.max_seq_len
+    if a.seqlen > ctx or (a.speed and 16 + a.tokens > ctx):
+        raise UserError(f"--seqlen {a.seqlen} / 16 + --tokens {a.tokens}: beyond the model's context of {ctx} tokens")
+    llama.check_memory(min(a.batch_size, a.limit or a.batch_size) * a.seqlen * model.args.vocab_size * 4 * 3,
+                       "a batch of logits")
     model.to(a.device, dtype)
     results = []
     if a.speed:
         pairs = [(a.ckpt, model)]
         if a.ckpt.endswith(".safetensors"):
-            src = llama.read_safetensors(a.ckpt)[0].get("settings", {}).get("ckpt")
+            sett = llama.read_safetensors(a.ckpt)[0].get("settings")
+            src = sett.get("ckpt") if isinstance(sett, dict) else None
             if src:
                 pairs.insert(0, (src, llama.load(src)[0].to(a.device, dtype)))
         for name, m in pairs:
@@ -292,8 +317,12 @@ def main():
             results.append(dict(ckpt=name, tokens_per_s=round(tps, 2), dtype=a.dtype, device=a.device))
     else:
         ref = llama.load(a.ref)[0].to(a.device, dtype) if a.ref else None
-        for path, label in data:
-            ids = tokenize_corpus(tok, path)
+        if ref is not None and ref.args.vocab_size != model.args.vocab_size:
+            raise UserError(f"--ref {a.ref}: vocabulary {ref.args.vocab_size}, the model's is {model.args.vocab_size}")
+        ids_all = [torch.tensor(tok.encode(text), dtype=torch.long) for text in corpora]
+        for ids in ids_all:
+            windows(ids, a.seqlen, a.limit)     # every file holds a window before any is evaluated
+        for (path, label), ids in zip(data, ids_all):
             t0 = time.time()
             if ref is None:
                 ppl, se = ppl_and_error(token_nll(model, ids, a.seqlen, a.limit, a.batch_size, progress=True))
@@ -307,6 +336,8 @@ def main():
                       f"top-1 agreement {100 * res['top1']:.2f}% ({res['windows']} windows of {a.seqlen})")
             results.append(dict(ckpt=a.ckpt, ref=a.ref, data=os.path.basename(path), seqlen=a.seqlen, dtype=a.dtype,
                                 seconds=round(time.time() - t0, 1), **res))
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     for r in results:
         if a.out:
             with open(a.out, "a") as f:

