@@ -332,7 +332,7 @@ def uniformity_loss(z, bits, temperature=0.5):
 @dataclass
 class LearnConfig:
     init: str = "best"        # identity | hadamard | rhadamard | random | best (the better of identity and hadamard)
-    steps: Optional[int] = None   # per site (layer: 30) or per block (block: 40)
+    steps: Optional[int] = None   # per site (layer: 30) or per block (block: 20)
     lr: Optional[float] = None    # layer: 0.5 with SGD; block: 0.01 with Adam
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
     checkpoints: int = 1      # times per site the iterate is scored with the final quantizer (the best is kept)
@@ -348,7 +348,7 @@ class LearnConfig:
         if self.objective not in ("layer", "block"):
             raise ValueError(f"unknown objective {self.objective!r}")
         block = self.objective == "block"
-        self.steps = (40 if block else 30) if self.steps is None else self.steps
+        self.steps = (20 if block else 30) if self.steps is None else self.steps
         self.lr = (0.01 if block else 0.5) if self.lr is None else self.lr
         self.optim = ("adam" if block else "sgd") if self.optim is None else self.optim
         if self.batch < 1 or self.tokens < 2 or not (math.isfinite(self.clip_lr) and self.clip_lr > 0):

@@ -435,7 +435,7 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="layer", choices=["layer", "block"],
                    help="layer: each site alone, trace(E H E^T) (the paper's); block: a block's four transforms "
                         "jointly on the block's output MSE")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps per site (layer: 30) or block (block: 40)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps per site (layer: 30) or block (block: 20)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; block: 0.01, Adam)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
