@@ -832,14 +832,11 @@ def _median_s(f, reps=5):
 
 def _bench_rows(gpu, bw, cases):
     """cases: (label, min bytes, f). Static facts from recording f's launches and compiling them for sm_90."""
-    launches, owners = [], []
-    for i, (_, _, f) in enumerate(cases):
-        got = _recorded(f)
-        launches += [("bench", *g) for g in got]
-        owners += [i] * len(got)
+    launches = [(str(i), *g) for i, (_, _, f) in enumerate(cases) for g in _recorded(f)]
     facts = [[] for _ in cases]
-    for i, r in zip(owners, compile_report(launches, caps=(90,))):
-        facts[i].append(f"{r['kernel']}: {_facts_str(r)}")
+    for r in compile_report(launches, caps=(90,)):
+        for i in r["labels"]:
+            facts[int(i)].append(f"{r['kernel']}: {_facts_str(r)}")
     print("| configuration | sm_90: registers / spills / smem | min MB | roofline us | graph us | eager us "
           "| % roofline |")
     print("|---|---|---|---|---|---|---|")
