@@ -3,9 +3,10 @@ Inference kernels for ButterflyQuant models: the online transform T x and the pa
 y = x @ dequant(Wq)^T. Each Triton kernel sits beside its PyTorch reference; `butterfly()` and `qmatmul()`
 dispatch in one place (rules in the dispatch section): Triton on CUDA tensors, the references everywhere else.
 
-Default paths:
+Default paths (each compiles for sm_90 and sm_80 without spills: `--compile`, checked by test_all.py):
   T x      block-matmul butterfly (m = 16..256: its blocks loaded once per program, persistent loop over rows),
-           else the register-shuffle butterfly (one stage at a time; pure n >= 512 such as 4096).
+           else the register-shuffle butterfly (one stage at a time; pure n >= 512 such as 4096); fp32 with a
+           64-segment Q (n = 11008) runs the reference.
   matmul   decode (<= 16 rows): slab GEMV (2/4/8 bits, tile-aligned widths) or split-K tile GEMV; the fused
            dequant-GEMM up to PREFILL_ROWS; beyond, dequantize once and cuBLAS.
 Experimental (off by default, last section): the Triton backward of the transform, and the decode GEMV with the
@@ -18,10 +19,12 @@ per value in int32 words; fp16 scale and zero per (row, group of g input columns
     python kernels.py --bench     # static facts, bytes moved and their roofline time; timings on a GPU
 """
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -760,8 +763,6 @@ def _compile(spec):
 def compile_report(launches=None, caps=(90, 80), workers=None, experimental=False):
     """Compile each distinct specialization of `launches` (default: dispatch_launches()) for each target, in
     parallel processes. -> rows: kernel, target, constexprs, warps, the labels that launch it, static facts."""
-    import concurrent.futures
-    import multiprocessing
     jobs = {}
     for label, kernel, args, meta in (dispatch_launches(experimental=experimental) if launches is None else launches):
         for cap in caps:
@@ -773,10 +774,9 @@ def compile_report(launches=None, caps=(90, 80), workers=None, experimental=Fals
         rows = []
         for (spec, labels), f in zip(jobs.values(), facts):
             name, _, constexprs, _, opts, cap = spec
-            cx = {kernel_param: v for (i,), v in constexprs.items()
-                  for kernel_param in [globals()[name].arg_names[i]]}
+            cx = {globals()[name].arg_names[i]: v for (i,), v in constexprs.items()}
             rows.append(dict(kernel=name, cap=cap, gpu=TARGETS[cap][0], smem_limit=TARGETS[cap][2],
-                             constexprs={k: v for k, v in cx.items()}, warps=opts.get("num_warps"),
+                             constexprs=cx, warps=opts.get("num_warps"),
                              labels=sorted(set(labels)), key=repr(spec[:5]), **f))
     return rows
 
