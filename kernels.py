@@ -1,21 +1,39 @@
 """
 Inference kernels for ButterflyQuant models: the online transform T x and the packed low-bit matmul
 y = x @ dequant(Wq)^T. Each Triton kernel sits beside its PyTorch reference; `butterfly()` and `qmatmul()`
-dispatch in one place: Triton on CUDA tensors, the references everywhere else (CPU, or no Triton).
-The matmul has three regimes by row count (split-K decode GEMV, fused dequant-GEMM, dequantize-then-cuBLAS
-prefill) and a decode GEMV with the input transform fused in (FUSE_ROWS; off until a GPU run shows it pays).
+dispatch in one place (rules in the dispatch section): Triton on CUDA tensors, the references everywhere else.
+
+Default paths (each compiles for sm_90 and sm_80 without spills: `--compile`, checked by test_all.py):
+  T x      block-matmul butterfly (m = 16..256: its blocks loaded once per program, persistent loop over rows),
+           else the register-shuffle butterfly (one stage at a time; pure n >= 512 such as 4096); fp32 with a
+           64-segment Q (n = 11008) runs the reference.
+  matmul   decode (<= 16 rows): slab GEMV (2/4/8 bits, tile-aligned widths) or split-K tile GEMV; the fused
+           dequant-GEMM up to PREFILL_ROWS; beyond, dequantize once and cuBLAS.
+Experimental (off by default, last section): the Triton backward of the transform, and the decode GEMV with the
+input transform fused in (BQ_FUSE_ROWS).
 
 Packed weights (see butterflyquant.pack): one little-endian bit stream per matrix, row after row, `bits` bits
 per value in int32 words; fp16 scale and zero per (row, group of g input columns); w = s * (q - z).
 
-    python kernels.py --bench         # GB/s, times vs dense matmul and fp16 GEMV (needs a GPU for the kernels)
+    python kernels.py --compile   # compile every configuration the dispatch can choose for sm_90 and sm_80
+    python kernels.py --bench     # static facts, bytes moved and their roofline time; timings on a GPU
 """
 import argparse
+import concurrent.futures
+import contextlib
 import functools
+import io
+import json
+import multiprocessing
 import os
+import re
+import subprocess
+import tempfile
+import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import butterflyquant as bq
 
@@ -26,10 +44,21 @@ try:
 except ImportError:     # the references still run
     HAVE_TRITON = False
 
+_RECORD = None      # a list while dispatch_launches() records launches instead of running them
+
 
 def use_triton(x):
-    """Kernels on CUDA tensors. (Tests call the Triton entry points directly on CPU under TRITON_INTERPRET=1.)"""
-    return HAVE_TRITON and x.is_cuda
+    """Kernels on CUDA tensors (and on meta tensors while recording). Tests call the Triton entry points
+    directly on CPU under TRITON_INTERPRET=1."""
+    return HAVE_TRITON and (x.is_cuda or _RECORD is not None)
+
+
+def _launch(kernel, grid, *args, **meta):
+    """Every Triton launch goes through here, so that dispatch_launches() can list them with no GPU."""
+    if _RECORD is not None:
+        _RECORD.append((kernel, args, meta))
+    else:
+        kernel[grid](*args, **meta)
 
 
 # -----------------------------------------------------------------------------
@@ -72,9 +101,11 @@ def qmatmul_ref(x, words, scales, zeros, bits, group, out_features, in_features)
     return x @ dequant_ref(words, scales, zeros, bits, group, out_features, in_features, x.dtype).T
 
 
+
 # -----------------------------------------------------------------------------
-# Triton: fused transform. One program per row: the row is read once, Q mixes its K segments (tl.dot), then all
-# log2(m) butterfly stages run in registers, and the row is written once. Q (x) B = (I (x) B)(Q (x) I).
+# Triton: the shuffle kernel. A program reads its rows once, Q mixes their K segments (tl.dot), all log2(m)
+# butterfly stages run in registers (one split / rotate / join per stage), and the rows are written once.
+# Q (x) B = (I (x) B)(Q (x) I).
 
 if HAVE_TRITON:
     @triton.jit
@@ -104,7 +135,7 @@ if HAVE_TRITON:
                 y = _stage(y, cos_ptr, sin_ptr, i, KP, M, False)
         return y
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NROWS"])
     def _transform_kernel(x_ptr, y_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj, NROWS,
                           K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr,
                           HAS_Q: tl.constexpr, TRANSPOSE: tl.constexpr, PRECISION: tl.constexpr):
@@ -131,51 +162,12 @@ if HAVE_TRITON:
             x = tl.dot(q, x, input_precision=PRECISION)
         tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _stage_bwd(y, g, dtheta_ptr, cos_ptr, sin_ptr, i: tl.constexpr, KP: tl.constexpr, M: tl.constexpr):
-        """Stage i backwards: dtheta += sum(g_b a' - g_a b'), then S^T = [[c, s], [-s, c]] on output and grad."""
-        S: tl.constexpr = 1 << i
-        NB: tl.constexpr = M // (2 * S)
-        poffs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]
-        c = tl.load(cos_ptr + i * (M // 2) + poffs)
-        s = tl.load(sin_ptr + i * (M // 2) + poffs)
-        ya, yb = tl.split(tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2)))
-        ga, gb = tl.split(tl.permute(tl.reshape(g, (KP, NB, 2, S)), (0, 1, 3, 2)))
-        tl.atomic_add(dtheta_ptr + i * (M // 2) + poffs, tl.sum(gb * ya - ga * yb, axis=0))
-        y = tl.reshape(tl.permute(tl.join(c[None] * ya + s[None] * yb, c[None] * yb - s[None] * ya),
-                                  (0, 1, 3, 2)), (KP, M))
-        g = tl.reshape(tl.permute(tl.join(c[None] * ga + s[None] * gb, c[None] * gb - s[None] * ga),
-                                  (0, 1, 3, 2)), (KP, M))
-        return y, g
 
-    @triton.jit
-    def _transform_bwd_kernel(y_ptr, g_ptr, gx_ptr, gu_ptr, dtheta_ptr, cos_ptr, sin_ptr, q_ptr,
-                              stride_qi, stride_qj, K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr,
-                              LOG_M: tl.constexpr, HAS_Q: tl.constexpr):
-        """Backward of y = B (Q x) from the output alone: walking the stages backwards, a stage's input is
-        S^T of its output, and d out / d theta for a pair (a', b') is (-b', a'), so
-        dtheta = sum over rows of (b_grad * a' - a_grad * b'). Writes dx, the gradient at Q's output (for dQ),
-        and adds dtheta atomically."""
-        row = tl.program_id(0).to(tl.int64)
-        seg = tl.arange(0, KP)
-        offs = seg[:, None] * M + tl.arange(0, M)[None, :]
-        mask = seg[:, None] < K
-        y = tl.load(y_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
-        for i in tl.static_range(LOG_M - 1, -1, -1):
-            y, g = _stage_bwd(y, g, dtheta_ptr, cos_ptr, sin_ptr, i, KP, M)
-        if HAS_Q:
-            tl.store(gu_ptr + row * K * M + offs, g, mask=mask)
-            qmask = (seg[:, None] < K) & (seg[None, :] < K)
-            qt = tl.load(q_ptr + seg[None, :] * stride_qi + seg[:, None] * stride_qj, mask=qmask, other=0.0)
-            g = tl.dot(qt, g, input_precision="ieee")
-        tl.store(gx_ptr + row * K * M + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
-
-
-# Pure butterflies: rows per program. Every program loads all L x n/2 cos/sin pairs (fp32), i.e. L / ROWS times
-# the bytes of its fp16 rows read and written: 6x at L = 12 and 2 rows. More rows cut that traffic but hold
-# more registers; `--bench` sweeps it (2 is untuned: the README's H100 table used it).
-ROWS_PER_PROGRAM = int(os.environ.get("BQ_BFLY_ROWS", "2"))
+# Pure butterflies in the shuffle kernel: rows per program. Every program loads all L x n/2 cos/sin pairs (fp32),
+# i.e. L / ROWS times the bytes of its fp16 rows read and written: 6x at L = 12 and 2 rows. More rows cut that
+# traffic but hold more registers: at n = 4096, 4 rows take 255 registers and 8 rows spill (`--bench` sweeps it
+# with each configuration's static facts; `--compile` proves the default does not spill).
+ROWS_PER_PROGRAM = 2
 
 
 def _kp(K):
@@ -193,49 +185,131 @@ def _launch_transform(x, cos, sin, Q, transpose):
     kp = _kp(K) if Q is not None else ROWS_PER_PROGRAM
     if R:
         grid = (R if Q is not None else triton.cdiv(R, kp),)
-        _transform_kernel[grid](xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
-                                q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0, R,
-                                K=K, KP=kp, M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
-                                TRANSPOSE=transpose, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                                num_warps=4 if n * kp <= 4096 else 8 if n * kp <= 16384 else 16)
+        _launch(_transform_kernel, grid, xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
+                q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0, R,
+                K=K, KP=kp, M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
+                TRANSPOSE=transpose, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                num_warps=4 if n * kp <= 4096 else 8 if n * kp <= 16384 else 16)
     return y.view(x.shape)
 
 
-class _TransformFn(torch.autograd.Function):
-    """y = (Q (x) B(theta)) x with Triton forward and backward (d x, d theta, d Q)."""
+# -----------------------------------------------------------------------------
+# Triton: the butterfly as block matmuls. With L = log2 m stages split as L = g0 + g1, stages 0..g0-1 only mix
+# indices inside contiguous runs of B0 = 2^g0, and stages g0..L-1 only mix indices equal mod B0:
+#   B = G1 G0,  G0 = blockdiag over h < m/B0 of (B0, B0) blocks on positions h B0 + t,
+#               G1 = blockdiag over lo < B0 of (B1, B1) blocks on positions t B0 + lo,   B1 = m / B0.
+# Each group is one batched tl.dot per row tile (tensor cores) in place of g register shuffles.
 
-    @staticmethod
-    def forward(ctx, x, theta, Q):
-        cos, sin = theta.cos().float().contiguous(), theta.sin().float().contiguous()
-        y = _launch_transform(x, cos, sin, Q, False)
-        ctx.save_for_backward(x, y, theta, cos, sin, Q)
-        return y
+if HAVE_TRITON:
+    @triton.jit
+    def _mm(a, b, DOT: tl.constexpr):
+        """a @ b (2-D, or 3-D batched) accumulated in fp32. DOT "fp16": fp16 operands on the tensor cores;
+        "ieee" / "tf32": fp32 operands at that precision (see _dot_mode)."""
+        if DOT == "fp16":
+            c = tl.dot(a.to(tl.float16), b.to(tl.float16))
+        else:
+            c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
+        return c
 
-    @staticmethod
-    def backward(ctx, gy):
-        x, y, theta, cos, sin, Q = ctx.saved_tensors
-        n = x.shape[-1]
-        K = 1 if Q is None else Q.shape[0]
-        m = n // K
-        yf, gf = y.reshape(-1, n).contiguous(), gy.reshape(-1, n).contiguous()
-        gx = torch.empty_like(yf)
-        gu = torch.empty(yf.shape, device=y.device, dtype=torch.float32) if Q is not None else gx
-        dtheta = torch.zeros(theta.shape, device=y.device, dtype=torch.float32)
-        q = Q.float().contiguous() if Q is not None else cos
-        _transform_bwd_kernel[(yf.shape[0],)](yf, gf, gx, gu, dtheta, cos, sin, q,
-                                              q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0,
-                                              K=K, KP=_kp(K), M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
-                                              num_warps=4 if n <= 2048 else 8)
-        dQ = None
-        if Q is not None:   # dQ_ij = sum over rows and positions of gu[i, t] x[j, t]
-            xs = x.reshape(-1, K, m).float()
-            dQ = torch.einsum("rit,rjt->ij", gu.view(-1, K, m), xs).to(Q.dtype)
-        return gx.view(x.shape), dtheta.to(theta.dtype), dQ
+    @triton.jit(do_not_specialize=["NTILES", "NROWS"])
+    def _bfly_block_kernel(x_ptr, y_ptr, w0_ptr, w1_ptr, q_ptr, NTILES, NROWS, K: tl.constexpr, TR: tl.constexpr,
+                           M: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, HAS_Q: tl.constexpr,
+                           DOT: tl.constexpr):
+        """y = T x with B = G1 G0 as two batched dots per (TR, M) row tile. The blocks (and Q) are loaded once;
+        the program then loops over tiles pid, pid + programs, ... (persistent). Pure (K = 1): a tile is TR rows;
+        with Q: one row, its K segments (padded to TR) being the tile's rows, mixed by Q (TR, TR) @ X."""
+        H: tl.constexpr = M // B0
+        r = tl.arange(0, TR)
+        cols = tl.arange(0, M)
+        i0 = tl.arange(0, B0)
+        w0 = tl.load(w0_ptr + (tl.arange(0, H)[:, None, None] * B0 + i0[None, :, None]) * B0 + i0[None, None, :])
+        if B1 > 1:
+            i1 = tl.arange(0, B1)
+            w1 = tl.load(w1_ptr + (i0[:, None, None] * B1 + i1[None, :, None]) * B1 + i1[None, None, :])
+        if HAS_Q:
+            q = tl.load(q_ptr + r[:, None] * TR + r[None, :])                          # Q zero-padded to (TR, TR)
+        for tile in range(tl.program_id(0), NTILES, tl.num_programs(0)):
+            if HAS_Q:           # segment rows tile K + r
+                ok = r < K
+                offs = (r.to(tl.int64) + tile * K)[:, None] * M + cols[None, :]
+            else:
+                rows = r.to(tl.int64) + tile * TR
+                ok = rows < NROWS
+                offs = rows[:, None] * M + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0)                     # (TR, M)
+            if HAS_Q:
+                x = _mm(q, x, DOT)
+            # G0: (H, TR, B0) @ W0 (H, B0, B0), position h * B0 + t
+            x = tl.permute(tl.reshape(x, (TR, H, B0)), (1, 0, 2))
+            x = tl.reshape(tl.permute(_mm(x, w0, DOT), (1, 0, 2)), (TR, M))
+            if B1 > 1:  # G1: (B0, TR, B1) @ W1 (B0, B1, B1), position t * B0 + lo
+                x = tl.permute(tl.reshape(x, (TR, B1, B0)), (2, 0, 1))
+                x = tl.reshape(tl.permute(_mm(x, w1, DOT), (1, 2, 0)), (TR, M))
+            tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-def transform_triton(x, theta, Q=None):
-    """Differentiable fused T x on the last dim (fp32/fp16/bf16; computed in fp32)."""
-    return _TransformFn.apply(x, theta, Q)
+def _block_split(m):
+    """(B0, B1) for the block kernel, or None. Rule: every dot dimension >= 16 (the tensor-core minimum), and the
+    blocks, which a program holds for its whole life, at most m (B0 + B1) <= 16384 values (64 KB in fp32):
+    m = 16..128 is one dense m x m block (B1 = 1), m = 256 is 16 x 16. At m = 4096 the 64 x 64 split holds
+    2 x 4096 x 64 values, too many for one program: the shuffle kernel runs there."""
+    if m < 16 or m > 256:
+        return None
+    return (m, 1) if m <= 128 else (16, m // 16)
+
+
+def butterfly_blocks(cos, sin, B0):
+    """The blocks of B(m) = G1 G0 for the split m = B0 x B1, laid out for x @ W (x a row): W0 (m/B0, B0, B0) with
+    W0[h, t, u] = G0[h B0 + u, h B0 + t], and W1 (B0, B1, B1) with W1[lo, t, u] = G1[u B0 + lo, t B0 + lo].
+    G0 is stages 0..g0-1 (B0 = 2^g0), G1 the rest. Float64: each group's stages, the others set to the identity,
+    run on basis vectors (e_t in every block at once: the blocks do not overlap)."""
+    L, m = cos.shape[0], 2 * cos.shape[1]
+    B1 = m // B0
+    c, s = cos.double(), sin.double()
+    one, zero = torch.ones_like(c), torch.zeros_like(s)
+    g0 = (torch.arange(L, device=c.device) < B0.bit_length() - 1)[:, None]           # stages of G0
+    E0 = torch.eye(B0, dtype=torch.float64, device=c.device).repeat(1, m // B0)        # (B0, m): e_t at h B0 + t
+    W0 = bq.butterfly_apply(E0, torch.where(g0, c, one), torch.where(g0, s, zero))
+    W0 = W0.view(B0, m // B0, B0).permute(1, 0, 2)
+    E1 = torch.eye(B1, dtype=torch.float64, device=c.device).repeat_interleave(B0, 1)  # (B1, m): e_t at t B0 + lo
+    W1 = bq.butterfly_apply(E1, torch.where(g0, one, c), torch.where(g0, zero, s))
+    W1 = W1.view(B1, B1, B0).permute(2, 0, 1)
+    return W0, W1
+
+
+def _blocks(cos, sin, B0, dtype):
+    """butterfly_blocks, cached on the cos tensor (OnlineTransform keeps one cos per set of angles)."""
+    key = (sin.data_ptr(), cos._version, sin._version, B0, dtype)
+    hit = getattr(cos, "_bq_blocks", None)
+    if hit is None or hit[0] != key:
+        W0, W1 = butterfly_blocks(cos, sin, B0)
+        hit = cos._bq_blocks = (key, W0.to(dtype).contiguous(), W1.to(dtype).contiguous())
+    return hit[1], hit[2]
+
+
+def _launch_blocks(x, cos, sin, Q):
+    n = x.shape[-1]
+    K = 1 if Q is None else Q.shape[0]
+    m = n // K
+    B0, B1 = _block_split(m)
+    xf = x.reshape(-1, n).contiguous()
+    y = torch.empty_like(xf)
+    R = xf.shape[0]
+    dot = _dot_mode(x.dtype)
+    W0, W1 = _blocks(cos, sin, B0, torch.float16 if dot == "fp16" else torch.float32)
+    TR = _kp(K) if Q is not None else 16
+    q = W0                                      # any pointer when there is no Q
+    if Q is not None:
+        q = torch.zeros(TR, TR, device=x.device, dtype=W0.dtype)
+        q[:K, :K] = Q
+    tiles = R if Q is not None else triton.cdiv(R, TR)
+    if R:
+        _launch(_bfly_block_kernel, (min(tiles, _programs_wanted(x.device)),), xf, y, W0, W1, q, tiles, R,
+                K=K, TR=TR, M=m, B0=B0, B1=B1, HAS_Q=Q is not None, DOT=dot,
+                num_warps=4 if TR * m + m * (B0 + B1) <= 8192 else 8, num_stages=1)   # 8 warps: big tile + blocks
+        # num_stages=1: pipelining the persistent loop's loads double-buffers the tile in shared memory (n = 11008:
+        # 144-176 KB, past the A100's 163 KB)
+    return y.view(x.shape)
 
 
 # -----------------------------------------------------------------------------
@@ -277,12 +351,12 @@ if HAVE_TRITON:
             z = tl.load(z_ptr + gi, mask=gm, other=0.0).to(tl.float32)
         return s * (q.to(tl.float32) - z)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "G"])
     def _qmatmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, OUT, IN, G, K_PER_SPLIT, GROUP: tl.constexpr,
-                        BITS: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BITS: tl.constexpr, ALIGNED: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         """y tile (BLOCK_M, BLOCK_N) = x tile @ dequant(W tile)^T over columns [pid_k, pid_k + 1) * K_PER_SPLIT.
-        Decode (M <= 16): BLOCK_M = 16, narrow BLOCK_N, and split-K (SPLIT > 1 programs per tile, summed with
+        Decode (M <= 16): BLOCK_M = 16, narrow BLOCK_N, and split-K (several programs per tile, ATOMIC: summed with
         fp32 atomics into y) so that enough programs stream the packed weights; prefill: large tiles, SPLIT = 1.
         DOT: "ieee" (fp32 x: exact fp32), "fp16" (fp16 x: the weight tile is rounded to fp16 and the dot runs on
         the fp16 tensor cores, accumulating in fp32, as an fp16 matmul with an fp16 weight does), "tf32" (bf16 x,
@@ -297,18 +371,15 @@ if HAVE_TRITON:
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * IN + rk[None, :],
                         mask=(rm[:, None] < M) & (rk[None, :] < IN), other=0.0)
             w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
-            if DOT == "fp16":
-                acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
-            else:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision=DOT)
+            acc += _mm(x, tl.trans(w), DOT)
         ptrs = y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :]
         ymask = (rm[:, None] < M) & (rn[None, :] < OUT)
-        if SPLIT > 1:
+        if ATOMIC:
             tl.atomic_add(ptrs, acc, mask=ymask)        # y is fp32 and zeroed: the splits' partial sums
         else:
             tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["G"])
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, OUT, IN, G, GROUP: tl.constexpr, BITS: tl.constexpr,
                         ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out (OUT, IN) = s * (q - z), one (BLOCK_N, BLOCK_K) tile per program."""
@@ -319,47 +390,34 @@ if HAVE_TRITON:
         tl.store(out_ptr + rn[:, None].to(tl.int64) * IN + rk[None, :], w.to(out_ptr.dtype.element_ty),
                  mask=(rn[:, None] < OUT) & (rk[None, :] < IN))
 
-    @triton.jit
-    def _decode_fused_kernel(x_ptr, t_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj, w_ptr, s_ptr, z_ptr,
-                             y_ptr, M, OUT, IN, G, K: tl.constexpr, KP: tl.constexpr, SEG: tl.constexpr,
-                             LOG_SEG: tl.constexpr, HAS_Q: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-                             ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             DOT: tl.constexpr):
-        """y (M, BLOCK_N tile) = (T x) @ dequant(W tile)^T for decode (M <= 16 rows), in one launch. T x is
-        needed whole by every program (the butterfly mixes all of a row), so each program transforms the few
-        rows itself into its own scratch rows t[pid] (fp32, stays in L2) and reads them back by K-tile: redundant
-        arithmetic traded for one launch instead of four (transform, zero fill, split-K GEMV, cast)."""
-        pid = tl.program_id(0)
-        seg = tl.arange(0, KP)
-        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]                  # (KP, SEG): row = K segments
-        smask = seg[:, None] < K
-        t_base = t_ptr + pid.to(tl.int64) * M * IN
-        if HAS_Q:       # loaded once, used for every row
-            qm = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj,
-                         mask=(seg[:, None] < K) & (seg[None, :] < K), other=0.0)
-        for r in range(M):
-            v = tl.load(x_ptr + r * IN + offs, mask=smask, other=0.0).to(tl.float32)
-            if HAS_Q:
-                v = tl.dot(qm, v, input_precision="ieee" if DOT == "ieee" else "tf32")
-            v = _stages(v, cos_ptr, sin_ptr, KP, SEG, LOG_SEG, False)
-            tl.store(t_base + r * IN + offs, v, mask=smask)
-        tl.debug_barrier()          # this program's scratch rows are written before any thread reads them
+    @triton.jit(do_not_specialize=["M", "KT", "TILES_PER_SPLIT"])
+    def _gemv_slab_kernel(x_ptr, r_ptr, y_ptr, M, OUT, IN, KT, TILES_PER_SPLIT, BITS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        """Decode y (M <= 16 rows, fp32, zeroed) += x @ dequant(W)^T in the slab layout (repack_slabs). Program
+        (n, k) reads TILES_PER_SPLIT consecutive records of output block n: one contiguous run of memory holding
+        the packed words and their scales and zeros, the layout of Marlin and gemlite."""
+        PER: tl.constexpr = 32 // BITS
+        WPR: tl.constexpr = BLOCK_K // PER                      # words per row of a record
+        REC: tl.constexpr = BLOCK_N * (WPR + 1)                 # (BLOCK_N, WPR) words, then BLOCK_N scale | zero
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rm = tl.arange(0, 16)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = tl.arange(0, BLOCK_N)
+        shifts = tl.arange(0, PER) * BITS
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, IN, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(t_base + rm[:, None] * IN + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < IN),
-                         other=0.0)
-            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
-            if DOT == "fp16":       # as the unfused path: T x rounded to fp16, then the fp16 dot
-                acc += tl.dot(xt.to(tl.float16), tl.trans(w.to(tl.float16)))
-            elif DOT == "tf32":     # bf16 x: T x rounded to bf16 first, as the unfused path stores it
-                acc += tl.dot(xt.to(tl.bfloat16).to(tl.float32), tl.trans(w), input_precision="tf32")
-            else:
-                acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
-        tl.store(y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < OUT))
+        kt0 = pid_k * TILES_PER_SPLIT
+        for kt in range(kt0, tl.minimum(kt0 + TILES_PER_SPLIT, KT)):
+            rec = r_ptr + (pid_n.to(tl.int64) * KT + kt) * REC
+            w = tl.load(rec + rn[:, None] * WPR + tl.arange(0, WPR)[None, :])                 # (BLOCK_N, WPR)
+            q = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
+            sz = tl.load(rec + BLOCK_N * WPR + rn)                                           # fp16 bits: s | z << 16
+            s = (sz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            z = (sz >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            w = s[:, None] * (q.to(tl.float32) - z[:, None])                                  # w = s (q - z)
+            rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * IN + rk[None, :], mask=rm[:, None] < M, other=0.0)
+            acc += _mm(x, tl.trans(w), DOT)
+        rn = pid_n * BLOCK_N + rn
+        tl.atomic_add(y_ptr + rm[:, None] * OUT + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < OUT))
 
 
 @functools.lru_cache(maxsize=None)
@@ -383,7 +441,7 @@ def dequant_triton(words, scales, zeros, bits, group, out_features, in_features,
     """The whole weight in `dtype`: one pass over the packed stream (for prefill, see qmatmul_triton)."""
     out = torch.empty(out_features, in_features, device=words.device, dtype=dtype)
     BN, BK = 32, 128
-    _dequant_kernel[(triton.cdiv(out_features, BN), triton.cdiv(in_features, BK))](
+    _launch(_dequant_kernel, (triton.cdiv(out_features, BN), triton.cdiv(in_features, BK)),
         words, scales, zeros, out, out_features, in_features, scales.shape[1],
         GROUP=in_features if group == 0 else group, BITS=bits, ALIGNED=_aligned(bits, in_features),
         BLOCK_N=BN, BLOCK_K=BK, num_warps=4)
@@ -394,7 +452,8 @@ PREFILL_ROWS = int(os.environ.get("BQ_PREFILL_ROWS", "256"))    # from here on: 
 
 
 def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_features):
-    """Three regimes. Decode (<= 16 rows): split-K GEMV, bound by reading the packed weights. Middle: the fused
+    """Three regimes. Decode (<= 16 rows): the slab GEMV where _slab_bk allows, else the split-K tile GEMV;
+    both bound by reading the packed weights. Middle: the fused
     dequant-GEMM. Prefill (>= PREFILL_ROWS rows): the fused kernel would dequantize every weight tile once per
     block of rows, so dequantize once (one pass, ~out*in*2 bytes written) and let cuBLAS do the GEMM; the H100
     table had the fused kernel 7x behind fp16 cuBLAS at 2048 rows."""
@@ -402,13 +461,17 @@ def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_featur
     M = x.shape[0]
     if M >= PREFILL_ROWS:
         return x @ dequant_triton(words, scales, zeros, bits, group, out_features, in_features, x.dtype).T
+    if M <= 16 and _slab_bk(bits, group, in_features, x.dtype):
+        return gemv_slab_triton(x, words, scales, zeros, bits, group, out_features, in_features)
     g = in_features if group == 0 else group
+    # Tiles, the largest that compile without spills on sm_90 and sm_80 at every bit width (`--compile`): decode
+    # 16 x 32 x 32 (3 bits reads each value from an int64 pair; BLOCK_K = 64 spills in fp32), the GEMM 64 x 64 x 32,
+    # or 32 x 32 x 32 for fp32 ("ieee" runs on FMA units with whole K slices per thread: 64 x 64 spills ~1 KB).
     if M <= 16:
-        BM, BN, BK, warps = 16, 32, 128, 4
-    elif M <= 64:
-        BM, BN, BK, warps = 64, 64, 64, 4
+        BM, BN, BK = 16, 32, 32
     else:
-        BM, BN, BK, warps = 128, 128, 64, 8
+        BM = BN = 32 if x.dtype == torch.float32 else 64
+        BK = 32
     tiles = triton.cdiv(M, BM) * triton.cdiv(out_features, BN)
     k_tiles = triton.cdiv(in_features, BK)
     split = 1
@@ -418,52 +481,87 @@ def qmatmul_triton(x, words, scales, zeros, bits, group, out_features, in_featur
     split = triton.cdiv(k_tiles, per_split)     # no empty splits
     y = (torch.zeros if split > 1 else torch.empty)(M, out_features, device=x.device,
                                                     dtype=torch.float32 if split > 1 else x.dtype)
-    _qmatmul_kernel[(triton.cdiv(M, BM), triton.cdiv(out_features, BN), split)](
+    _launch(_qmatmul_kernel, (triton.cdiv(M, BM), triton.cdiv(out_features, BN), split),
         x, words, scales, zeros, y, M, out_features, in_features, scales.shape[1], per_split * BK, GROUP=g,
-        BITS=bits, ALIGNED=_aligned(bits, in_features), SPLIT=split, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        DOT=_dot_mode(x.dtype), num_warps=warps, num_stages=3)
+        BITS=bits, ALIGNED=_aligned(bits, in_features), ATOMIC=split > 1, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        DOT=_dot_mode(x.dtype), num_warps=4, num_stages=3)
     return y.to(x.dtype)
 
 
-def qmatmul_transformed_triton(x, cos, sin, Q, words, scales, zeros, bits, group, out_features, in_features):
-    """y = (T x) @ dequant(Wq)^T for decode rows (M <= 16) with the transform fused in (see the kernel)."""
-    x = x.contiguous()
-    M, n = x.shape
-    K = 1 if Q is None else Q.shape[0]
-    m = n // K
-    BN, BK = 32, 128
-    grid = triton.cdiv(out_features, BN)
-    t = torch.empty(grid, M, n, device=x.device, dtype=torch.float32)      # per-program scratch
-    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
-    q = Q.float().contiguous() if Q is not None else cos
-    _decode_fused_kernel[(grid,)](
-        x, t, cos.float().contiguous(), sin.float().contiguous(), q, q.stride(0) if Q is not None else 0,
-        q.stride(1) if Q is not None else 0, words, scales, zeros, y, M, out_features, in_features, scales.shape[1],
-        K=K, KP=_kp(K), SEG=m, LOG_SEG=m.bit_length() - 1, HAS_Q=Q is not None,
-        GROUP=in_features if group == 0 else group, BITS=bits, ALIGNED=_aligned(bits, in_features), BLOCK_N=BN,
-        BLOCK_K=BK, DOT=_dot_mode(x.dtype), num_warps=4 if n * _kp(K) <= 4096 else 8)
-    return y
+
+def _slab_bk(bits, group, in_features, dtype):
+    """BLOCK_K of the slab GEMV, or None where it does not apply. Rule: 2/4/8 bits (a word holds whole values),
+    and BLOCK_K (128, else 64; fp32: 64) divides the width and the group, so that a record is full and has one
+    scale and zero per row. 3 bits, and widths such as 172, take the split-K tile kernel."""
+    g = in_features if group == 0 else group
+    for bk in ((64,) if dtype == torch.float32 else (128, 64)):     # fp32 spills at 128 (`--compile`)
+        if 32 % bits == 0 and in_features % bk == 0 and g % bk == 0:
+            return bk
+    return None
+
+
+def repack_slabs(words, scales, zeros, bits, group, out_features, in_features, BN=32, BK=128):
+    """The slab layout: for each block of BN output rows, its in/BK tile records one after another; a record is
+    the tile's packed words (BN, BK bits / 32), then one int32 per row with its fp16 scale (low half) and zero
+    (high half). Rows past out_features are zero. The packed stream needs no unpacking: a row is whole words."""
+    KT, NB, per = in_features // BK, triton.cdiv(out_features, BN), 32 // bits
+    w = words[: out_features * in_features // per].view(out_features, KT, BK // per)
+    gi = torch.arange(KT, device=words.device) * BK // (in_features if group == 0 else group)
+    s = scales.half()[:, gi].view(torch.int16).to(torch.int64) & 0xFFFF
+    z = zeros.half()[:, gi].view(torch.int16).to(torch.int64) & 0xFFFF
+    sz = s | (z << 16)
+    sz = torch.where(sz >= 2 ** 31, sz - 2 ** 32, sz).to(torch.int32)                    # (out, KT)
+    pad = NB * BN - out_features
+    w, sz = F.pad(w, (0, 0, 0, 0, 0, pad)), F.pad(sz, (0, 0, 0, pad))
+    rec = torch.cat((w.view(NB, BN, KT, BK // per).permute(0, 2, 1, 3).reshape(NB, KT, BN * BK // per),
+                     sz.view(NB, BN, KT).permute(0, 2, 1)), dim=2)
+    return rec.contiguous().view(-1)
+
+
+def gemv_slab_triton(x, words, scales, zeros, bits, group, out_features, in_features):
+    """Decode y = x @ dequant(Wq)^T (M <= 16) over the slab layout, split over K until the grid fills the device.
+    The slab copy is made on the first call and cached on `words` (it sits beside the packed stream: twice the
+    weight memory until a file format stores only slabs)."""
+    BN, BK = 32, _slab_bk(bits, group, in_features, x.dtype)
+    key = (scales.data_ptr(), zeros.data_ptr(), words._version, scales._version, zeros._version, BK)
+    hit = getattr(words, "_bq_slabs", None)
+    if hit is None or hit[0] != key:
+        hit = words._bq_slabs = (key, repack_slabs(words, scales, zeros, bits, group, out_features, in_features,
+                                                   BN, BK))
+    M = x.shape[0]
+    KT, NB = in_features // BK, triton.cdiv(out_features, BN)
+    per = triton.cdiv(KT, max(1, min(KT, triton.cdiv(_programs_wanted(x.device), NB))))
+    y = torch.zeros(M, out_features, device=x.device, dtype=torch.float32)
+    _launch(_gemv_slab_kernel, (NB, triton.cdiv(KT, per)), x.contiguous(), hit[1], y, M, out_features,
+            in_features, KT, per, BITS=bits, BLOCK_N=BN, BLOCK_K=BK, DOT=_dot_mode(x.dtype), num_warps=4)
+    return y.to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
-# dispatch: the one place that picks Triton or the reference
+# dispatch: the one place that picks Triton or the reference, and which kernel
 
 def _transform_supported(x, Q):
+    """Rule: Triton for CUDA tensors except composites with m < 16 or K > 128 (tile shapes), and fp32 with a Q
+    tile (next_pow2(K), m) over 8192 values (n = 11008: 64 x 256), where the fp32 "ieee" Q dot runs on FMA units
+    and spills in every kernel that has it (`--compile`); the reference (cuBLAS for Q) runs those."""
     K = 1 if Q is None else Q.shape[0]
     m = x.shape[-1] // K
-    return use_triton(x) and (Q is None or (m >= 16 and K <= 128)) and m >= 2
+    if not use_triton(x) or m < 2 or (Q is not None and (m < 16 or K > 128)):
+        return False
+    return not (x.dtype == torch.float32 and Q is not None and _kp(K) * m > 8192)
 
 
 def butterfly(x, cos, sin, Q=None):
-    """T x for the online transform (inference; no gradient)."""
+    """T x for the online transform (inference; no gradient). Rule: the block kernel where _block_split(m) holds
+    (m = 16..256: every composite n here, e.g. 576 = 36 x 16, 1536 = 12 x 128, 11008 = 43 x 256, and pure
+    n <= 256): tensor-core dots, blocks loaded once per program. Else the shuffle kernel (pure n >= 512, e.g.
+    4096, and composites with m >= 512). Neither spills at any configuration it is given (`--compile`)."""
     if _transform_supported(x, Q):
-        return _launch_transform(x, cos.float().contiguous(), sin.float().contiguous(), Q, False)
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        if _block_split(x.shape[-1] // (1 if Q is None else Q.shape[0])):
+            return _launch_blocks(x, cos, sin, Q)
+        return _launch_transform(x, cos, sin, Q, False)
     return transform_ref(x, cos, sin, Q)
-
-
-FUSE_ROWS = int(os.environ.get("BQ_FUSE_ROWS", "0"))     # decode rows up to which a fused-in transform runs
-# inside the GEMV kernel (at most 16). 0 (off) until a GPU run of `--bench` shows where it pays: it is exact
-# (tested under the interpreter) but has never been timed.
 
 
 def qmatmul(x, words, scales, zeros, bits, group, out_features, in_features, pre=None):
@@ -575,195 +673,450 @@ class OnlineTransform(nn.Module):
         return f"n={self.n}, " + (f"dense {self.entry['kind']}" if self.dense else f"K={self.K}")
 
 
+
+# -----------------------------------------------------------------------------
+# compile for real GPUs on any machine:  python kernels.py --compile
+# triton.compile(ASTSource, GPUTarget) yields PTX and a cubin with no GPU present; ptxas -v reports registers,
+# spills and stack. sm_90 (H100) runs triton's ptxas-blackwell, sm_80 (A100) its ptxas, as at run time.
+
+NS = (576, 1536, 4096, 11008)       # SmolLM2-135M's dim and hidden width, LLaMA-2-7B's
+TARGETS = {90: ("H100", "sm_90a", 232448), 80: ("A100", "sm_80", 166912)}    # name, ptxas arch, smem per block
+
+
+def _recorded(f):
+    """The launches f() makes, as (kernel, args, meta), none of them run."""
+    global _RECORD
+    _RECORD = []
+    try:
+        f()
+    finally:
+        got, _RECORD = _RECORD, None
+    return got
+
+
+def dispatch_launches(ns=NS, group=128, dtypes=(torch.float32, torch.float16, torch.bfloat16), experimental=False):
+    """Every launch the dispatch can make at widths ns, recorded on meta tensors (nothing runs):
+    butterfly() for each dtype; qmatmul() (n x n) for each dtype, bit width and row regime (decode <= 16 rows,
+    GEMM, prefill >= PREFILL_ROWS); with `experimental`, also the fused decode kernel (FUSE_ROWS on) and the
+    Triton backward. -> [(label, kernel, args, meta)]"""
+    global FUSE_ROWS
+    out = []
+
+    def record(label, f):
+        out.extend((label, *g) for g in _recorded(f))
+
+    meta = dict(device="meta")
+    for n in ns:
+        K, m = bq.kron_split(n)
+        cos = sin = torch.empty(m.bit_length() - 1, m // 2, **meta)
+        Q = torch.empty(K, K, **meta) if K > 1 else None
+        pre = OnlineTransform(dict(n=n, dense=False, K=K, m=m)).to("meta")
+        for dt in dtypes:
+            name = str(dt).replace("torch.", "")
+            for rows in (1, 17):        # the row count changes the grid only
+                x = torch.empty(rows, n, dtype=dt, **meta)
+                record(f"butterfly n={n} {name}", lambda: butterfly(x, cos, sin, Q))
+            for bits in (2, 3, 4, 8):
+                G = bq.ngroups(n, group)
+                args = (torch.empty(-(-n * n * bits // 32), dtype=torch.int32, **meta),
+                        torch.empty(n, G, dtype=torch.float16, **meta), torch.empty(n, G, dtype=torch.float16, **meta),
+                        bits, group, n, n)
+                for rows, regime in ((1, "decode"), (17, "gemm"), (PREFILL_ROWS, "prefill")):
+                    x = torch.empty(rows, n, dtype=dt, **meta)
+                    record(f"qmatmul {n}x{n} W{bits} g{group} {name} {regime}", lambda: qmatmul(x, *args))
+                if not experimental:
+                    continue
+                keep, FUSE_ROWS = FUSE_ROWS, 16
+                try:
+                    record(f"experimental: fused decode {n}x{n} W{bits} {name}",
+                           lambda: qmatmul(torch.empty(1, n, dtype=dt, **meta), *args, pre=pre))
+                finally:
+                    FUSE_ROWS = keep
+        y = torch.empty(4, n, **meta)
+        if experimental:
+            record(f"experimental: backward n={n} float32",
+                   lambda: _launch_transform_bwd(y, y, cos, sin, Q, (m.bit_length() - 1, m // 2)))
+    return out
+
+
+def _spec(kernel, args, meta, cap):
+    """The (signature, constexprs, attrs, options) that launching kernel(*args, **meta) compiles on target cap:
+    Triton's own binder, so integers and pointers are specialized as at run time."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(GPUTarget("cuda", cap, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **meta)
+    _, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
+    opts = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    return kernel.__name__, signature, constexprs, attrs, opts, cap
+
+
+def _ptxas_facts(log):
+    grab = lambda pat: max([int(v) for v in re.findall(pat, log)] or [0])       # noqa: E731
+    return dict(regs=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
+                spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"))
+
+
+def _compile(spec):
+    """Compile one specialization for its target -> static facts (or the error)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    name, signature, constexprs, attrs, opts, cap = spec
+    triton.knobs.nvidia.dump_ptxas_log = True           # triton prints ptxas -v; a cache hit prints nothing
+    t0, log = time.perf_counter(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(globals()[name], signature, constexprs, attrs),
+                               target=GPUTarget("cuda", cap, 32), options=opts)
+    except Exception as e:      # reported per configuration; the test fails on it
+        return dict(error=f"{type(e).__name__}: {e}"[-2000:])
+    log = log.getvalue()
+    if "Used" not in log:       # from triton's cache: run ptxas -v on the cached PTX, as triton does
+        tool = triton.knobs.nvidia.ptxas_blackwell if cap >= 90 else triton.knobs.nvidia.ptxas
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(k.asm["ptx"])
+            f.flush()
+            log = subprocess.run([tool.path, "-v", "--regAllocOptLevel=2", f"--gpu-name={TARGETS[cap][1]}", f.name,
+                                  "-o", os.devnull], capture_output=True, text=True).stderr
+    return dict(_ptxas_facts(log), shared=k.metadata.shared, seconds=round(time.perf_counter() - t0, 1))
+
+
+def compile_report(launches=None, caps=(90, 80), workers=None, experimental=False):
+    """Compile each distinct specialization of `launches` (default: dispatch_launches()) for each target, in
+    parallel processes. -> rows: kernel, target, constexprs, warps, the labels that launch it, static facts."""
+    jobs = {}
+    for label, kernel, args, meta in (dispatch_launches(experimental=experimental) if launches is None else launches):
+        for cap in caps:
+            spec = _spec(kernel, args, meta, cap)
+            jobs.setdefault(repr(spec), (spec, []))[1].append(label)
+    with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count(),
+                                                mp_context=multiprocessing.get_context("fork")) as pool:
+        facts = pool.map(_compile, [spec for spec, _ in jobs.values()])
+        rows = []
+        for (spec, labels), f in zip(jobs.values(), facts):
+            name, _, constexprs, _, opts, cap = spec
+            cx = {globals()[name].arg_names[i]: v for (i,), v in constexprs.items()}
+            rows.append(dict(kernel=name, cap=cap, gpu=TARGETS[cap][0], smem_limit=TARGETS[cap][2],
+                             constexprs=cx, warps=opts.get("num_warps"),
+                             labels=sorted(set(labels)), key=repr(spec[:5]), **f))
+    return rows
+
+
+def _facts_str(f):
+    if "error" in f:
+        return "ERROR"
+    return f"{f['regs']} / {f['spill_stores']}+{f['spill_loads']} B / {f['shared'] // 1024} KB"
+
+
+def compile_main(json_path=None, experimental=False):
+    t0 = time.perf_counter()
+    rows = compile_report(experimental=experimental)
+    print(f"# {len(rows)} compiles ({len({r['key'] for r in rows})} specializations x {len(TARGETS)} targets) in "
+          f"{time.perf_counter() - t0:.0f} s; registers / spill stores+loads / shared memory\n")
+    print("| kernel | constexprs | warps | launched by | H100 sm_90 | A100 sm_80 |\n|---|---|---|---|---|---|")
+    by = {}
+    for r in rows:
+        by.setdefault(r["key"], {})[r["cap"]] = r
+    for pair in by.values():
+        r = next(iter(pair.values()))
+        cx = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
+        print(f"| {r['kernel']} | {cx} | {r['warps']} | {'; '.join(r['labels'])} | "
+              f"{_facts_str(pair.get(90, {}))} | {_facts_str(pair.get(80, {}))} |")
+    bad = [r for r in rows if "error" in r or r["spill_stores"] or r["spill_loads"] or r["shared"] > r["smem_limit"]]
+    for r in bad:
+        print(f"FAIL {r['gpu']} {r['kernel']} {r['labels'][0]}: {r.get('error') or _facts_str(r)}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return not bad
+
+
 # -----------------------------------------------------------------------------
 # benchmark:  python kernels.py --bench
+# Beside each configuration: its static facts on sm_90 (registers / spill bytes / shared memory), the bytes a
+# call must move at the least (activations in and out, cos/sin or Q, packed words, scales, zeros), and the time
+# the copy bandwidth allows for them (the roofline). On a GPU: measured time and % of that roofline.
 
-def _time(f, reps=20):
-    """Eager seconds per call of f: on a GPU this includes Python and launch overhead, which at small sizes may
-    be all there is to measure (in the README's H100 table the transform is flat at ~0.08 ms from 1 to 4096
-    rows)."""
+H100_COPY_GBS = 2968    # the README's H100 measurement (clone of 256 MiB); the roofline's bandwidth with no GPU
+
+
+def _median_s(f, reps=5):
+    """CPU seconds per call: median of reps after one warm-up (triton.testing.do_bench needs a GPU)."""
     f()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            f()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps / 1e3
-    import time
-    t0 = time.perf_counter()
+    ts = []
     for _ in range(reps):
+        t0 = time.perf_counter()
         f()
-    return (time.perf_counter() - t0) / reps
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
 
 
-def _time_graph(f, calls=20, replays=5):
-    """GPU seconds per call of f alone: `calls` calls captured in one CUDA graph and replayed, so the host-side
-    overhead drops out. This is the number the bandwidth figures use."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):       # warm-up off the capture: compiles the kernels, settles the allocator
-        f(), f()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            f()
-    return _time(g.replay, replays) / calls
+def _bench_rows(gpu, bw, cases):
+    """cases: (label, min bytes, f). Static facts from recording f's launches and compiling them for sm_90."""
+    launches = [(str(i), *g) for i, (_, _, f) in enumerate(cases) for g in _recorded(f)]
+    facts = [[] for _ in cases]
+    for r in compile_report(launches, caps=(90,)):
+        for i in r["labels"]:
+            facts[int(i)].append(f"{r['kernel']}: {_facts_str(r)}")
+    print("| configuration | sm_90: registers / spills / smem | min MB | roofline us | graph us | eager us "
+          "| % roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for (label, nbytes, f), fa in zip(cases, facts):
+        roof = nbytes / bw * 1e6
+        cells = ["-", "-", "-"]
+        if gpu:
+            tg = triton.testing.do_bench_cudagraph(f) * 1e3
+            te = triton.testing.do_bench(f, return_mode="median") * 1e3
+            cells = [f"{tg:.1f}", f"{te:.1f}", f"{100 * roof / tg:.0f}%"]
+        print(f"| {label} | {'; '.join(fa) or 'reference (no Triton launch)'} | {nbytes / 1e6:.2f} | {roof:.1f} | "
+              + " | ".join(cells) + " |")
 
 
 def bench():
     gpu = torch.cuda.is_available() and HAVE_TRITON
-    dev = "cuda" if gpu else "cpu"
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# kernels.py --bench on {name}, torch {torch.__version__}" + ("" if gpu else
-          "\n# no GPU: the Triton kernels need one; timing the PyTorch references only"))
-    print("# kernel / graph: GPU time from a CUDA graph replay; eager: one Python call, launch overhead included")
-    dt = torch.float16 if gpu else torch.float32
+    dev = "cuda" if gpu else "meta"         # with no GPU, configurations are recorded and compiled, not run
     if gpu:
         big = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)
-        copy_bw = 2 * big.numel() / _time_graph(lambda: big.clone(), calls=5)
-        print(f"device copy bandwidth (clone of 256 MiB): {copy_bw / 1e9:.0f} GB/s")
-    print(f"\n## fused transform T x ({'fp16' if gpu else 'fp32'} in/out)\n")
-    print("| n | rows | kernel ms | GB/s | % copy | eager ms | dense n x n matmul ms (graph) | PyTorch reference ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n in (4096, 11008):
-        T = bq.Transform(n, "random")
-        th = T.butterfly.theta.detach().to(dev)
-        Q = T.q().detach().to(dev) if T.K > 1 else None
+        bw = 2 * big.numel() / (triton.testing.do_bench_cudagraph(lambda: big.clone()) * 1e-3)
+        print(f"# kernels.py --bench on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{triton.__version__}; copy bandwidth (clone of 256 MiB) {bw / 1e9:.0f} GB/s")
+        print("# graph: triton.testing.do_bench_cudagraph (no launch overhead); eager: do_bench, median")
+    else:
+        bw = H100_COPY_GBS * 1e9
+        print(f"# kernels.py --bench with no GPU: static facts (sm_90) and the roofline at the README's H100 copy "
+              f"bandwidth, {H100_COPY_GBS} GB/s; nothing timed")
+    dt = torch.float16
+    print("\n## transform T x, fp16\n")
+    cases = []
+    for n in NS:
+        K, m = bq.kron_split(n)
+        L = m.bit_length() - 1
+        th = (torch.rand(L, m // 2, device=dev) * 6.28) if gpu else torch.empty(L, m // 2, device=dev)
         c, s = th.cos(), th.sin()
-        Md = torch.randn(n, n, device=dev, dtype=dt)
-        for rows in ((1, 16, 64, 512, 4096, 8192) if gpu else (64, 512)):
+        Q = torch.linalg.qr(torch.randn(K, K))[0].to(dev) if K > 1 and gpu else (
+            torch.empty(K, K, device=dev) if K > 1 else None)
+        for rows in (1, 16, 4096, 8192):
             x = torch.randn(rows, n, device=dev, dtype=dt)
-            tr = _time(lambda: transform_ref(x, c, s, Q), reps=5 if not gpu else 20)
-            if gpu:
-                td = _time_graph(lambda: x @ Md.T)
-                tk, te = _time_graph(lambda: butterfly(x, c, s, Q)), _time(lambda: butterfly(x, c, s, Q))
-                gbs = 2 * x.numel() * x.element_size() / tk
-                print(f"| {n} | {rows} | {tk * 1e3:.4f} | {gbs / 1e9:.0f} | {100 * gbs / copy_bw:.0f}% | "
-                      f"{te * 1e3:.4f} | {td * 1e3:.4f} | {tr * 1e3:.3f} |")
-            else:
-                td = _time(lambda: x @ Md.T, reps=5)
-                print(f"| {n} | {rows} | - | - | - | - | {td * 1e3:.3f} (eager) | {tr * 1e3:.3f} |")
-    print(f"\n## packed matmul y = x @ dequant(Wq)^T vs {'fp16' if gpu else 'fp32'} torch.matmul (W2 and W4, g128)\n")
-    print("| out x in | rows | bits | kernel ms | eager ms | fp16 matmul ms (graph) | speedup (graph) | packed GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):
-        W = torch.randn(out_f, in_f)
-        for bits in (2, 4):
-            q, sc, z = bq.quantize(W, bq.QuantConfig(bits, 128, clip=False))
-            args = (bq.pack(q, bits).to(dev), sc.half().to(dev), z.half().to(dev), bits, 128, out_f, in_f)
-            Wh = W.to(dev, dt)
-            for rows in ((1, 16, 64, 2048) if gpu else (1, 16)):
-                x = torch.randn(rows, in_f, device=dev, dtype=dt)
-                if gpu:
-                    tf = _time_graph(lambda: x @ Wh.T)
-                    tk, te = _time_graph(lambda: qmatmul(x, *args)), _time(lambda: qmatmul(x, *args))
-                    nbytes = args[0].numel() * 4 + args[1].numel() * 4 + x.numel() * 2 + rows * out_f * 2
-                    print(f"| {out_f}x{in_f} | {rows} | {bits} | {tk * 1e3:.4f} | {te * 1e3:.4f} | {tf * 1e3:.4f} | "
-                          f"{tf / tk:.2f}x | {nbytes / tk / 1e9:.0f} |")
-                else:
-                    tf = _time(lambda: x @ Wh.T)
-                    tk = _time(lambda: qmatmul_ref(x, *args), reps=3)
-                    print(f"| {out_f}x{in_f} | {rows} | {bits} | ref {tk * 1e3:.1f} | - | {tf * 1e3:.3f} (eager) | "
-                          f"{tf / tk:.2f}x | - |")
-    if gpu:
-        rows_per_program_bench(dev, copy_bw)
-        fused_bench(dev)
-        decode_bench(dev)
-
-
-def rows_per_program_bench(dev, copy_bw, n=4096, rows=8192):
-    """The fused transform's one tuning knob, ROWS_PER_PROGRAM (angle traffic vs registers)."""
-    global ROWS_PER_PROGRAM
-    keep = ROWS_PER_PROGRAM
-    th = bq.Transform(n, "random").butterfly.theta.detach().to(dev)
+            nbytes = 2 * x.numel() * 2 + 2 * c.numel() * 4 + (K * K * 4 if K > 1 else 0)
+            cases.append((f"n = {n} ({K} x {m}), {rows} rows", nbytes, functools.partial(butterfly, x, c, s, Q)))
+    _bench_rows(gpu, bw, cases)
+    print("\n## shuffle kernel, n = 4096, 8192 rows, fp16: rows per program (the dispatch uses "
+          f"{ROWS_PER_PROGRAM})\n")
+    x, keep = torch.randn(8192, 4096, device=dev, dtype=dt), ROWS_PER_PROGRAM
+    th = torch.rand(12, 2048, device=dev) * 6.28 if gpu else torch.empty(12, 2048, device=dev)
     c, s = th.cos(), th.sin()
-    x = torch.randn(rows, n, device=dev, dtype=torch.float16)
-    print(f"\n## fused transform, n = {n}, {rows} rows, fp16: rows per program (BQ_BFLY_ROWS)\n")
-    print("| rows per program | kernel ms | % copy |")
-    print("|---|---|---|")
-    for kp in (1, 2, 4, 8, 16):
+
+    def with_rows(kp):
+        global ROWS_PER_PROGRAM
         ROWS_PER_PROGRAM = kp
-        tk = _time_graph(lambda: butterfly(x, c, s))
-        print(f"| {kp} | {tk * 1e3:.4f} | {100 * 4 * x.numel() / tk / copy_bw:.0f}% |")
-    ROWS_PER_PROGRAM = keep
-
-
-def fused_bench(dev, shapes=((4096, 4096), (11008, 4096), (4096, 11008))):
-    """Decode with the input butterfly: transform then GEMV (4 launches) vs the fused kernel (1 launch)."""
-    print("\n## decode (T x) @ dequant(W2 g128)^T: transform then GEMV vs fused, fp16\n")
-    print("| out x in | rows | separate ms (graph) | fused ms (graph) | separate eager ms | fused eager ms |")
-    print("|---|---|---|---|---|---|")
-    for out_f, in_f in shapes:
-        T = bq.Transform(in_f, "random")
-        th = T.butterfly.theta.detach().to(dev)
-        c, s = th.cos(), th.sin()
-        Q = T.q().detach().to(dev) if T.K > 1 else None
-        q, sc, z = bq.quantize(torch.randn(out_f, in_f), bq.QuantConfig(2, 128, clip=False))
-        args = (bq.pack(q, 2).to(dev), sc.half().to(dev), z.half().to(dev), 2, 128, out_f, in_f)
-        for rows in (1, 16):
-            x = torch.randn(rows, in_f, device=dev, dtype=torch.float16)
-            sep = lambda: qmatmul(butterfly(x, c, s, Q), *args)                   # noqa: E731
-            fus = lambda: qmatmul_transformed_triton(x, c, s, Q, *args)           # noqa: E731
-            print(f"| {out_f}x{in_f} | {rows} | {_time_graph(sep) * 1e3:.4f} | {_time_graph(fus) * 1e3:.4f} | "
-                  f"{_time(sep) * 1e3:.4f} | {_time(fus) * 1e3:.4f} |")
-
-
-def decode_bench(dev, tokens=128, n_layers=30):
-    """End-to-end greedy decode tokens/s at SmolLM2-135M's shapes (random weights: speed does not depend on
-    them; the real file does not fit the device tool's transfer limit): fp16 vs W2 g128 packed with a learned-
-    shape butterfly transform at every site."""
-    import time
-    import llama
-    args = llama.ModelArgs(dim=576, n_layers=n_layers, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
-                           rope_theta=1e5, tie_embeddings=True, max_seq_len=2048)
+        try:
+            return _launch_transform(x, c, s, None, False)
+        finally:
+            ROWS_PER_PROGRAM = keep
+    _bench_rows(gpu, bw, [(f"{kp} rows per program", 2 * x.numel() * 2 + 2 * c.numel() * 4,
+                           functools.partial(with_rows, kp)) for kp in (1, 2, 4, 8, 16)])
+    print("\n## packed matmul y = x @ dequant(Wq)^T, g128, fp16 x\n")
+    cases = []
+    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (576, 1536)):
+        for bits in (2, 4):
+            G = bq.ngroups(in_f, 128)
+            if gpu:
+                q, sc, z = bq.quantize(torch.randn(out_f, in_f), bq.QuantConfig(bits, 128, clip=False))
+                args = (bq.pack(q, bits).to(dev), sc.half().to(dev), z.half().to(dev), bits, 128, out_f, in_f)
+            else:
+                args = (torch.empty(out_f * in_f * bits // 32, dtype=torch.int32, device=dev),
+                        torch.empty(out_f, G, dtype=dt, device=dev), torch.empty(out_f, G, dtype=dt, device=dev),
+                        bits, 128, out_f, in_f)
+            for rows in (1, 16, 64, 2048):
+                x = torch.randn(rows, in_f, device=dev, dtype=dt)
+                nbytes = (x.numel() + rows * out_f) * 2 + args[0].numel() * 4 + 2 * out_f * G * 2
+                cases.append((f"{out_f} x {in_f}, W{bits}, {rows} rows", nbytes, functools.partial(qmatmul, x, *args)))
+        if gpu:
+            W = torch.randn(out_f, in_f, device=dev, dtype=dt)
+            for rows in (1, 16):
+                x = torch.randn(rows, in_f, device=dev, dtype=dt)
+                cases.append((f"{out_f} x {in_f}, fp16 torch.matmul, {rows} rows",
+                              (W.numel() + x.numel() + rows * out_f) * 2, functools.partial(torch.matmul, x, W.T)))
+    _bench_rows(gpu, bw, cases)
+    print("\n## CPU: PyTorch reference butterfly vs a dense matmul, fp32, median of 3 (time.perf_counter)\n")
     torch.manual_seed(0)
-    fp = llama.Transformer(args).to(dev, torch.float16).eval()
-    q = llama.Transformer(args).eval()
-    q.load_state_dict({k: v.float().cpu() for k, v in fp.state_dict().items()})
+    x, bf, Md = torch.randn(4096, 4096), bq.Butterfly(4096, "random"), torch.randn(4096, 4096)
+    with torch.no_grad():
+        tb, td = _median_s(lambda: bf(x), 3), _median_s(lambda: x @ Md.T, 3)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, x (4096, 4096): Butterfly(4096) "
+          f"{tb * 1e3:.1f} ms ({bf.theta.numel()} angles), dense 4096 x 4096 matmul {td * 1e3:.1f} ms ({td / tb:.1f}x)")
 
-    def to_quant(name, lin):
-        ql = QuantLinear(lin.in_features, lin.out_features, 2, 128)
-        qq, s, z = bq.quantize(lin.weight.detach(), bq.QuantConfig(2, 128, clip=False))
-        ql.qweight.copy_(bq.pack(qq, 2))
-        ql.scales.copy_(s.half())
-        ql.zeros.copy_(z.half())
-        return ql
-    llama.swap_linears(q, to_quant)
-    for block in q.layers:
-        for parent, slot, n in (("attention", "rot_qkv", 576), ("attention", "rot_o", 576),
-                                ("feed_forward", "rot_up", 576), ("feed_forward", "rot_down", 1536)):
-            T = bq.Transform(n, "random")
-            t = OnlineTransform(n, T.K, T.m)
-            t.theta.copy_(T.butterfly.theta.detach())
-            if T.K > 1:
-                t.Q.copy_(T.q().detach())
-            setattr(getattr(block, parent), slot, t)
-    q.to(dev, torch.float16)
-    import copy
-    qf = llama.fuse_transforms(copy.deepcopy(q))
-    print("\n## end-to-end decode, SmolLM2-135M shapes (random weights), greedy, batch 1, KV cache, eager\n")
-    global FUSE_ROWS
-    for label, model, fuse in (("fp16", fp, 0), ("W2 g128 packed + butterflies", q, 0),
-                               ("W2 g128 packed + butterflies, rot_o/rot_down fused into the GEMV", qf, 16)):
-        FUSE_ROWS = fuse
-        ids = list(range(1, 17))
-        model.generate(ids, 8, temperature=0)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model.generate(ids, tokens, temperature=0)
-        torch.cuda.synchronize()
-        print(f"{label}: {len(out) / (time.perf_counter() - t0):.1f} tokens/s")
-    FUSE_ROWS = 0
+
+# -----------------------------------------------------------------------------
+# experimental (off by default): the Triton backward of the transform (switch: call transform_triton; calibration
+# learns with the PyTorch reference) and the decode GEMV with the input transform fused in (switch: BQ_FUSE_ROWS,
+# with llama.fuse_transforms). Both exact under the interpreter, neither timed. `--compile --experimental`: the
+# fused GEMV compiles without spills wherever the dispatch can pick it; the backward spills with a 64-segment Q in
+# fp32 (n = 576: 80 bytes, n = 11008: 32 KB; its "ieee" Q dot runs on FMA units), which is why no path runs it.
+
+FUSE_ROWS = int(os.environ.get("BQ_FUSE_ROWS", "0"))     # decode rows up to which a fused-in transform runs
+# inside the GEMV kernel (at most 16); 0: off.
+
+if HAVE_TRITON:
+    @triton.jit
+    def _stage_bwd(y, g, dtheta_ptr, cos_ptr, sin_ptr, i: tl.constexpr, KP: tl.constexpr, M: tl.constexpr):
+        """Stage i backwards: dtheta += sum(g_b a' - g_a b'), then S^T = [[c, s], [-s, c]] on output and grad."""
+        S: tl.constexpr = 1 << i
+        NB: tl.constexpr = M // (2 * S)
+        poffs = tl.arange(0, NB)[:, None] * S + tl.arange(0, S)[None, :]
+        c = tl.load(cos_ptr + i * (M // 2) + poffs)
+        s = tl.load(sin_ptr + i * (M // 2) + poffs)
+        ya, yb = tl.split(tl.permute(tl.reshape(y, (KP, NB, 2, S)), (0, 1, 3, 2)))
+        ga, gb = tl.split(tl.permute(tl.reshape(g, (KP, NB, 2, S)), (0, 1, 3, 2)))
+        tl.atomic_add(dtheta_ptr + i * (M // 2) + poffs, tl.sum(gb * ya - ga * yb, axis=0))
+        y = tl.reshape(tl.permute(tl.join(c[None] * ya + s[None] * yb, c[None] * yb - s[None] * ya),
+                                  (0, 1, 3, 2)), (KP, M))
+        g = tl.reshape(tl.permute(tl.join(c[None] * ga + s[None] * gb, c[None] * gb - s[None] * ga),
+                                  (0, 1, 3, 2)), (KP, M))
+        return y, g
+
+    @triton.jit
+    def _transform_bwd_kernel(y_ptr, g_ptr, gx_ptr, gu_ptr, dtheta_ptr, cos_ptr, sin_ptr, q_ptr,
+                              stride_qi, stride_qj, K: tl.constexpr, KP: tl.constexpr, M: tl.constexpr,
+                              LOG_M: tl.constexpr, HAS_Q: tl.constexpr):
+        """Backward of y = B (Q x) from the output alone: walking the stages backwards, a stage's input is
+        S^T of its output, and d out / d theta for a pair (a', b') is (-b', a'), so
+        dtheta = sum over rows of (b_grad * a' - a_grad * b'). Writes dx, the gradient at Q's output (for dQ),
+        and adds dtheta atomically."""
+        row = tl.program_id(0).to(tl.int64)
+        seg = tl.arange(0, KP)
+        offs = seg[:, None] * M + tl.arange(0, M)[None, :]
+        mask = seg[:, None] < K
+        y = tl.load(y_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * K * M + offs, mask=mask, other=0.0).to(tl.float32)
+        for i in tl.static_range(LOG_M - 1, -1, -1):
+            y, g = _stage_bwd(y, g, dtheta_ptr, cos_ptr, sin_ptr, i, KP, M)
+        if HAS_Q:
+            tl.store(gu_ptr + row * K * M + offs, g, mask=mask)
+            qmask = (seg[:, None] < K) & (seg[None, :] < K)
+            qt = tl.load(q_ptr + seg[None, :] * stride_qi + seg[:, None] * stride_qj, mask=qmask, other=0.0)
+            g = tl.dot(qt, g, input_precision="ieee")
+        tl.store(gx_ptr + row * K * M + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["M", "G"])
+    def _decode_fused_kernel(x_ptr, t_ptr, cos_ptr, sin_ptr, q_ptr, stride_qi, stride_qj, w_ptr, s_ptr, z_ptr,
+                             y_ptr, M, OUT, IN, G, K: tl.constexpr, KP: tl.constexpr, SEG: tl.constexpr,
+                             LOG_SEG: tl.constexpr, HAS_Q: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                             ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             DOT: tl.constexpr):
+        """y (M, BLOCK_N tile) = (T x) @ dequant(W tile)^T for decode (M <= 16 rows), in one launch. T x is
+        needed whole by every program (the butterfly mixes all of a row), so each program transforms the few
+        rows itself into its own scratch rows t[pid] (fp32, stays in L2) and reads them back by K-tile: redundant
+        arithmetic traded for one launch instead of four (transform, zero fill, split-K GEMV, cast)."""
+        pid = tl.program_id(0)
+        seg = tl.arange(0, KP)
+        offs = seg[:, None] * SEG + tl.arange(0, SEG)[None, :]                  # (KP, SEG): row = K segments
+        smask = seg[:, None] < K
+        t_base = t_ptr + pid.to(tl.int64) * M * IN
+        if HAS_Q:       # loaded once, used for every row
+            qm = tl.load(q_ptr + seg[:, None] * stride_qi + seg[None, :] * stride_qj,
+                         mask=(seg[:, None] < K) & (seg[None, :] < K), other=0.0)
+        for r in range(M):
+            v = tl.load(x_ptr + r * IN + offs, mask=smask, other=0.0).to(tl.float32)
+            if HAS_Q:
+                v = tl.dot(qm, v, input_precision="ieee" if DOT == "ieee" else "tf32")
+            v = _stages(v, cos_ptr, sin_ptr, KP, SEG, LOG_SEG, False)
+            tl.store(t_base + r * IN + offs, v, mask=smask)
+        tl.debug_barrier()          # this program's scratch rows are written before any thread reads them
+        rm = tl.arange(0, 16)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, IN, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(t_base + rm[:, None] * IN + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < IN),
+                         other=0.0)
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, k0, OUT, IN, G, GROUP, BITS, ALIGNED, BLOCK_N, BLOCK_K)
+            if DOT == "fp16":       # as the unfused path: T x rounded to fp16, then the fp16 dot
+                acc += tl.dot(xt.to(tl.float16), tl.trans(w.to(tl.float16)))
+            elif DOT == "tf32":     # bf16 x: T x rounded to bf16 first, as the unfused path stores it
+                acc += tl.dot(xt.to(tl.bfloat16).to(tl.float32), tl.trans(w), input_precision="tf32")
+            else:
+                acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+        tl.store(y_ptr + rm[:, None].to(tl.int64) * OUT + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < OUT))
+
+
+def _launch_transform_bwd(y, gy, cos, sin, Q, theta_shape):
+    """-> (dx, gradient at Q's output or None, dtheta) for y = B (Q x), from the output y alone."""
+    n = y.shape[-1]
+    K = 1 if Q is None else Q.shape[0]
+    m = n // K
+    yf, gf = y.reshape(-1, n).contiguous(), gy.reshape(-1, n).contiguous()
+    gx = torch.empty_like(yf)
+    gu = torch.empty(yf.shape, device=y.device, dtype=torch.float32) if Q is not None else gx
+    dtheta = torch.zeros(theta_shape, device=y.device, dtype=torch.float32)
+    q = Q.float().contiguous() if Q is not None else cos
+    _launch(_transform_bwd_kernel, (yf.shape[0],), yf, gf, gx, gu, dtheta, cos, sin, q,
+            q.stride(0) if Q is not None else 0, q.stride(1) if Q is not None else 0,
+            K=K, KP=_kp(K), M=m, LOG_M=m.bit_length() - 1, HAS_Q=Q is not None,
+            num_warps=4 if n <= 2048 else 8)
+    return gx, (gu if Q is not None else None), dtheta
+
+
+class _TransformFn(torch.autograd.Function):
+    """y = (Q (x) B(theta)) x with Triton forward and backward (d x, d theta, d Q)."""
+
+    @staticmethod
+    def forward(ctx, x, theta, Q):
+        cos, sin = theta.cos().float().contiguous(), theta.sin().float().contiguous()
+        y = _launch_transform(x, cos, sin, Q, False)
+        ctx.save_for_backward(x, y, theta, cos, sin, Q)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, y, theta, cos, sin, Q = ctx.saved_tensors
+        gx, gu, dtheta = _launch_transform_bwd(y, gy, cos, sin, Q, theta.shape)
+        dQ = None
+        if Q is not None:   # dQ_ij = sum over rows and positions of gu[i, t] x[j, t]
+            K = Q.shape[0]
+            xs = x.reshape(-1, K, x.shape[-1] // K).float()
+            dQ = torch.einsum("rit,rjt->ij", gu.view(-1, K, xs.shape[-1]), xs).to(Q.dtype)
+        return gx.view(x.shape), dtheta.to(theta.dtype), dQ
+
+
+def transform_triton(x, theta, Q=None):
+    """Differentiable fused T x on the last dim (fp32/fp16/bf16; computed in fp32)."""
+    return _TransformFn.apply(x, theta, Q)
+
+
+def qmatmul_transformed_triton(x, cos, sin, Q, words, scales, zeros, bits, group, out_features, in_features):
+    """y = (T x) @ dequant(Wq)^T for decode rows (M <= 16) with the transform fused in (see the kernel)."""
+    x = x.contiguous()
+    M, n = x.shape
+    K = 1 if Q is None else Q.shape[0]
+    m = n // K
+    BN, BK = 32, 32             # BLOCK_K = 128 spills in fp32 and at 3 bits (`--compile --experimental`)
+    grid = triton.cdiv(out_features, BN)
+    t = torch.empty(grid, M, n, device=x.device, dtype=torch.float32)      # per-program scratch
+    y = torch.empty(M, out_features, device=x.device, dtype=x.dtype)
+    q = Q.float().contiguous() if Q is not None else cos
+    _launch(_decode_fused_kernel, (grid,),
+        x, t, cos.float().contiguous(), sin.float().contiguous(), q, q.stride(0) if Q is not None else 0,
+        q.stride(1) if Q is not None else 0, words, scales, zeros, y, M, out_features, in_features, scales.shape[1],
+        K=K, KP=_kp(K), SEG=m, LOG_SEG=m.bit_length() - 1, HAS_Q=Q is not None,
+        GROUP=in_features if group == 0 else group, BITS=bits, ALIGNED=_aligned(bits, in_features), BLOCK_N=BN,
+        BLOCK_K=BK, DOT=_dot_mode(x.dtype), num_warps=4 if n * _kp(K) <= 4096 else 8)
+    return y
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Benchmarks of the inference kernels.")
+    p = argparse.ArgumentParser(description="Static checks and benchmarks of the inference kernels.")
+    p.add_argument("--compile", action="store_true", help="compile every dispatch configuration for sm_90, sm_80")
+    p.add_argument("--json", help="with --compile: write the rows here")
+    p.add_argument("--experimental", action="store_true", help="with --compile: the experimental kernels too")
     p.add_argument("--bench", action="store_true")
-    if p.parse_args().bench:
+    a = p.parse_args()
+    if a.compile:
+        raise SystemExit(0 if compile_main(a.json, a.experimental) else 1)
+    if a.bench:
         bench()
     else:
         p.print_help()

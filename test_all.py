@@ -851,6 +851,107 @@ def test_fused_transforms_decode_the_same_tokens(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# kernels.py: compile for real GPUs (sm_90, sm_80)
+
+def dense_transform(T, x):
+    """T x in float64 from dense factors: x (rows, K*m) viewed (rows, K, m) -> Q X B^T, B = Butterfly(m) dense."""
+    B = T.butterfly.double().matrix().detach()
+    y = x.double().view(x.shape[0], T.K, T.m) @ B.T
+    if T.K > 1:
+        y = T.q().detach().double() @ y
+    return y.reshape(x.shape)
+
+
+@pytest.mark.parametrize("n", [64, 256, 576, 1536, 11008])
+def test_butterfly_blocks_rebuild_the_dense_butterfly(n):
+    """B = G1 G0 from the block matrices: G0 block-diagonal on contiguous runs, G1 on positions t B0 + lo."""
+    T = random_transform(n, torch.float64)
+    m = T.m
+    B0, B1 = kernels._block_split(m)
+    th = T.butterfly.theta.detach()
+    W0, W1 = kernels.butterfly_blocks(th.cos(), th.sin(), B0)
+    G0 = torch.block_diag(*W0.transpose(1, 2))                      # W0[h] = (block h of G0)^T
+    G1 = torch.zeros(m, m, dtype=torch.float64)
+    for lo in range(B0):
+        idx = torch.arange(B1) * B0 + lo
+        G1[idx[:, None], idx[None, :]] = W1[lo].T
+    assert (G1 @ G0 - T.butterfly.double().matrix().detach()).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("n", [64, 256, 576, 1536, 11008])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
+def test_block_butterfly_kernel_matches_dense_float64(n, dtype, tol, monkeypatch):
+    """The block-matmul kernel: 3 programs for 37 rows, so each loops over several tiles (persistent), the last
+    tile ragged; pure butterflies (64, 256) and composites (576 = 36 x 16, 1536 = 12 x 128, 11008 = 43 x 256)."""
+    monkeypatch.setattr(kernels, "_programs_wanted", lambda device: 3)
+    T = random_transform(n, torch.float64)
+    x = torch.randn(37, n, dtype=torch.float64)
+    th = T.butterfly.theta.detach().float()
+    Q = T.q().detach().float() if T.K > 1 else None
+    assert rel(kernels._launch_blocks(x.to(dtype), th.cos(), th.sin(), Q), dense_transform(T, x)) < tol
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("out_f,in_f,group", [(40, 576, 64), (37, 256, 128), (64, 1536, 0)])
+def test_slab_gemv_matches_dense_float64(bits, out_f, in_f, group, monkeypatch):
+    """Decode over the slab layout: ragged output blocks (37, 40), 64- and 128-wide records, per-channel scales,
+    several records per program, and a repack when the scales change in place."""
+    monkeypatch.setattr(kernels, "_programs_wanted", lambda device: 3)
+    q, s, z = bq.quantize(torch.randn(out_f, in_f), bq.QuantConfig(bits, group))
+    args = (bq.pack(q, bits), s.half(), z.half(), bits, group, out_f, in_f)
+    deq = bq.dequantize(q, s.half().double(), z.half().double(), group)
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, in_f, dtype=torch.float64)
+        for dt, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
+            assert kernels._slab_bk(bits, group, in_f, dt)
+            assert rel(kernels.gemv_slab_triton(x.to(dt), *args), x @ deq.T) < tol
+    args[1].mul_(2)                                              # a new weight: the cached slabs must follow
+    assert rel(kernels.gemv_slab_triton(x.float(), *args), 2 * (x @ deq.T)) < 1e-5
+
+
+def test_dispatch_picks_the_kernels_its_rules_name():
+    """The rules written in butterfly(), qmatmul_triton() and _transform_supported(), read back from the launches
+    the dispatch records (the same list the compile test compiles)."""
+    picks = {}
+    for label, kernel, _, _ in kernels.dispatch_launches():
+        picks.setdefault(label, set()).add(kernel.__name__)
+    for n in (576, 1536, 11008):
+        assert picks[f"butterfly n={n} float16"] == picks[f"butterfly n={n} bfloat16"] == {"_bfly_block_kernel"}
+    assert picks["butterfly n=4096 float16"] == {"_transform_kernel"}
+    assert "butterfly n=11008 float32" not in picks                 # the reference: fp32 with a 64 x 256 Q tile
+    for bits in (2, 4, 8):
+        assert picks[f"qmatmul 4096x4096 W{bits} g128 float16 decode"] == {"_gemv_slab_kernel"}
+    assert picks["qmatmul 4096x4096 W3 g128 float16 decode"] == {"_qmatmul_kernel"}
+    assert picks["qmatmul 4096x4096 W2 g128 float16 gemm"] == {"_qmatmul_kernel"}
+    assert picks["qmatmul 4096x4096 W2 g128 float16 prefill"] == {"_dequant_kernel"}
+
+
+PTXAS_BLACKWELL = os.path.join(os.path.dirname(kernels.triton.__file__), "backends", "nvidia", "bin",
+                               "ptxas-blackwell") if kernels.HAVE_TRITON else ""
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS_BLACKWELL), reason="no triton/backends/nvidia/bin/ptxas-blackwell")
+def test_every_dispatch_configuration_compiles_for_h100_and_a100_without_spills(tmp_path):
+    """`python kernels.py --compile`: every launch dispatch_launches() records (each dtype, bit width, row regime
+    at n = 576, 1536, 4096, 11008) compiles for sm_90 and sm_80 with no spill stores or loads and within the
+    shared memory per block. Runs without the interpreter: it compiles PTX and cubins, nothing runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "compile.json"
+    r = subprocess.run([sys.executable, "kernels.py", "--compile", "--json", str(out)], cwd=HERE, env=env,
+                       capture_output=True, text=True)
+    assert out.exists(), r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {row["cap"] for row in rows} == {90, 80}
+    assert {lab for row in rows for lab in row["labels"]} == {lab for lab, *_ in kernels.dispatch_launches()}
+    assert {row["kernel"] for row in rows} == {"_bfly_block_kernel", "_transform_kernel", "_gemv_slab_kernel",
+                                               "_qmatmul_kernel", "_dequant_kernel"}
+    for row in rows:
+        assert "error" not in row, row["labels"][0] + ": " + row["error"]
+        assert row["spill_stores"] == row["spill_loads"] == 0, row
+        assert row["shared"] <= row["smem_limit"], row
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
 # the layout: imports point one way, each name has one home
 
 ORDER = ["calibrate", "eval", "llama", "kernels", "butterflyquant"]
