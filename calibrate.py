@@ -15,6 +15,7 @@ For each block, in order:
 The same code path runs the baselines (--rotation none / hadamard / random), so the comparison is fair.
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -126,9 +127,9 @@ def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
     transforms, starts = {}, {}
     for s_i, (slot, linears) in enumerate(SITES):
         W = torch.cat([weights[name] for name in linears])
-        transforms[slot], starts[slot], _ = bq.start_transform(W, stats[slot]["H"], qc, lc.init,
-                                                               cc.seed * 1000003 + 4 * layer + s_i,
-                                                               ((W @ stats[slot]["H"]) * W).sum())
+        T, loss, qsz = bq.start_transform(W, stats[slot]["H"], qc, lc.init, cc.seed * 1000003 + 4 * layer + s_i,
+                                          ((W @ stats[slot]["H"]) * W).sum())
+        transforms[slot], starts[slot] = T, (loss, qsz, copy.deepcopy(T.state_dict()))
     gammas = None
     if lc.lwc:
         gammas = {name: torch.full((2, W.shape[0], bq.ngroups(W.shape[1], qc.group)), 4.0, device=dev,
@@ -168,8 +169,8 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
         first = float("nan")
         if cc.rotation == "butterfly":
             try:
-                if slot in learned:
-                    T, first = learned[slot], starts[slot]
+                if slot in learned:     # kept only if the final quantizer's layer loss improved on the start's
+                    T, (first, start_qsz, start_state) = learned[slot], starts[slot]
                     M = T.matrix().detach()
                     base = ((W @ H) * W).sum()
                     if gammas is not None and not qc.gptq:      # RTN with the learned clip
@@ -178,6 +179,9 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
                         after = (bq.recon_loss_trace(W, bq.dequantize(q, s, z, qc.group), M, H) / base).item()
                     else:
                         after, (q, s, z) = bq.score(W, H, M, qc, base)
+                    if after > first:
+                        T.load_state_dict(start_state)
+                        after, (q, s, z) = first, start_qsz
                 else:
                     T, first, after, (q, s, z) = bq.learn_transform(W, H, qc, lc, seed, stats[slot]["sub"])
             except bq.LearningError as e:
