@@ -629,7 +629,7 @@ class OnlineTransform(nn.Module):
             K, m = (1, n) if dense else (int(entry["K"]), int(entry["m"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad transform description {entry!r}: {type(e).__name__} {e}") from None
-        if n < 1 or K < 1 or K * m != n or not bq.is_pow2(m) or (not dense and m < 2):
+        if n < 1 or K < 1 or K * m != n or (not dense and (not bq.is_pow2(m) or m < 2)):
             raise ValueError(f"bad transform description {entry!r}: need n = K * m with m a power of two >= 2")
         self.entry, self.n, self.K, self.dense = dict(entry), n, K, dense
         if dense:

@@ -598,6 +598,22 @@ def tiny_calibrate(tmp_path, *extra, ckpt=None):
 
 
 @needs_shared
+@pytest.mark.parametrize("rotation", ["hadamard", "random"])
+def test_fixed_rotation_files_rebuild_their_matrices_and_keep_the_logits_at_8_bits(tmp_path, rotation):
+    """A fixed baseline is stored as (kind, seed) and rebuilt at load, also for 172 = 4 x 43 (Hadamard fallback):
+    at 8 bits the loaded model's logits stay those of the unquantized model."""
+    out, argv = tiny_calibrate(tmp_path, "--rotation", rotation, "--rtn")
+    argv[argv.index("--bits") + 1] = "8"
+    calibrate.main(argv)
+    model, _ = llama.load(out)
+    fp, _ = llama.load(STORIES)
+    assert {m.entry["kind"] for m in model.modules() if isinstance(m, kernels.OnlineTransform)} == {rotation}
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel(model(ids), fp(ids)) < 2e-2
+
+
+@needs_shared
 def test_calibrate_save_load_eval_cycle_on_stories260k(tmp_path):
     out, argv = tiny_calibrate(tmp_path)
     res = calibrate.main(argv)
