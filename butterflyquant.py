@@ -367,6 +367,16 @@ class LearningError(ValueError):
     """The loss became NaN or inf while learning (a too large learning rate, or NaN in the inputs)."""
 
 
+def descend(opt, sched, loss, step):
+    """One step of the optimizer and its schedule; a NaN/inf loss stops the learning with a clear error."""
+    if not torch.isfinite(loss):
+        raise LearningError(f"NaN/inf loss at step {step} (learning rate {opt.param_groups[0]['lr']:.3g})")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def quantize_rotated(W, H, M, cfg: QuantConfig):
     """The quantizer the file holds, on the rotated weights W T^T: GPTQ with T H T^T, or RTN (with clip search)."""
     Wr = W @ M.T
@@ -424,13 +434,7 @@ def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
         rows = None
         if lcfg.rows and W.shape[0] > lcfg.rows:
             rows = torch.randperm(W.shape[0], generator=g, device=W.device)[: lcfg.rows]
-        loss = loss_of(rows)
-        if not torch.isfinite(loss):
-            raise LearningError(f"NaN/inf loss at step {step} while learning a transform (learning rate {lcfg.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        descend(opt, sched, loss_of(rows), step)
         if step % every == 0 or step == lcfg.steps:
             s, qsz = score(W, H, T.matrix().detach(), qcfg, base)
             if s < best:
@@ -484,13 +488,7 @@ def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lc
             order, pos = torch.randperm(len(X), generator=generator), 0
         idx = order[pos:pos + lcfg.batch]
         pos += lcfg.batch
-        loss = loss_of(X[idx], Y[idx])
-        if not torch.isfinite(loss):
-            raise LearningError(f"NaN/inf block loss at step {step} (learning rate {lcfg.lr})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        descend(opt, sched, loss_of(X[idx], Y[idx]), step)
     end = full_loss()
     if end > start:         # learning never ends worse than its start on the block loss
         for T, state in zip(transforms.values(), keep[0]):
