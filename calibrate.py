@@ -138,7 +138,7 @@ def quantize_block(block, stats, cc, qc, lc, layer):
             try:
                 T, first, after, (q, s, z) = bq.learn_transform(W, H, qc, lc, seed, stats[slot]["sub"])
             except bq.LearningError as e:
-                hint = f" (and delete {out}.partial: its blocks were made with this --lr)" if layer else ""
+                hint = " (and delete OUT.partial/: its finished blocks were made with this --lr)" if layer else ""
                 raise UserError(f"{e}: lower --lr{hint}") from None
             entries[slot], tensors[f"{slot}.theta"], Q = T.export()
             if Q is not None:
