@@ -1571,3 +1571,27 @@ def test_non_finite_logits_stop_generation():
         model.generate([1, 2, 3], 4, temperature=0)
     with pytest.raises(ValueError, match="context"):
         model.generate([1, 2, 3], args.max_seq_len, temperature=0)
+
+
+@needs_shared
+def test_nan_loss_names_the_fix_and_an_early_one_leaves_nothing(tmp_path, monkeypatch):
+    """A NaN loss in the first block leaves no OUT.partial/ (a rerun with a lower --lr just works); a later one keeps
+    the finished blocks and says to delete them, since they were made with the failing --lr."""
+    c = Case(str(tmp_path / "c"))
+    real, calls = bq.learn_transform, []
+
+    def nan_at_call(n):
+        def learn(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                raise bq.LearningError("NaN/inf loss at step 3 while learning a transform (learning rate 0.5)")
+            return real(*a, **k)
+        return learn
+    argv = cal(c, c.tiny())[1:]
+    for n, leftover in ((1, False), (5, True)):      # the first site of block 0; of block 1
+        calls.clear()
+        monkeypatch.setattr(bq, "learn_transform", nan_at_call(n))
+        with pytest.raises(llama.UserError, match="lower --lr") as e:
+            calibrate.main(argv)
+        assert os.path.isdir(c.p("q.safetensors.partial")) == leftover
+        assert ("delete" in str(e.value)) == leftover and not os.path.exists(c.p("q.safetensors"))
