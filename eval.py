@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # as in calibrate.py: sleeping, not spinning, idle threads
 import torch
 import torch.nn.functional as F
 

@@ -310,6 +310,8 @@ class Transformer(nn.Module):
                 pos += x.shape[1]
                 if temperature <= 0:
                     nxt = logits.argmax(-1)
+                elif top_p >= 1:
+                    nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)[:, 0]
                 else:
                     probs = torch.softmax(logits / temperature, -1)
                     p, order = probs.sort(-1, descending=True)
