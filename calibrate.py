@@ -418,8 +418,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, Meta/HF directory or .gguf")
     p.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>-<settings>.safetensors)")
     p.add_argument("--rotation", default="butterfly", choices=["none", "hadamard", "random", "butterfly"])
-    p.add_argument("--init", default="best", choices=["identity", "hadamard", "random", "best"],
-                   help="butterfly start; 'best' starts from the better of identity and hadamard per site")
+    p.add_argument("--init", default="best", choices=["identity", "hadamard", "rhadamard", "random", "best"],
+                   help="butterfly start; 'best' starts from the better of identity and hadamard per site; "
+                        "'rhadamard': pi/4 + k pi/2 with random k, a randomised Hadamard")
     p.add_argument("--bits", "--w_bits", "--wbits", type=int, default=3, help="weight bits (2, 3, 4, 8)")
     p.add_argument("--group", "--w_groupsize", type=int, default=128, help="group size; 0 or -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")

@@ -336,6 +336,9 @@ def test_identity_and_hadamard_inits(n):
         assert torch.allclose(M.sign() @ M.sign().T, n * torch.eye(n, dtype=torch.float64))
     M = bq.Transform(n, "hadamard", dtype=torch.float64).matrix().detach()   # composite: Paley (x) butterfly(pi/4)
     assert torch.allclose(M.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64), atol=1e-12)
+    R = bq.Transform(n, "rhadamard", torch.Generator().manual_seed(0), dtype=torch.float64).matrix().detach()
+    assert torch.allclose(R.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64), atol=1e-12)   # random signs
+    assert not torch.equal(R.sign(), M.sign())
 
 
 def test_parameter_counts_and_splits():
