@@ -309,6 +309,27 @@ def recon_loss_trace(W, What, T, H):
     return ((E @ H) * E).sum()
 
 
+def gptq_column_weights(H, percdamp=0.01):
+    """d (n,): GPTQ leaves the loss trace(E H E^T) = sum_rows sum_i d_i e_i^2, with e_i the rounding error of
+    column i after the errors of columns < i were pushed onto it, and d_i = 1 / [chol(H^-1)]_ii^2 the variance of
+    input i that the inputs after it do not explain. With H = R R^T, R upper triangular, d_i = R_ii^2: one
+    Cholesky of H with its order reversed. H is damped as gptq() damps it."""
+    Hd = H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.diagonal(torch.linalg.cholesky(Hd.flip(0, 1))).flip(0).pow(2)
+
+
+def gptq_proxy_loss(Wr, d, cfg, base):
+    """GPTQ's expected layer loss for the rotated weights Wr = W T^T (R, n) and d = gptq_column_weights(T H T^T),
+    relative to base = trace(W H W^T). Each column's error is taken as uniform over its group's step s:
+        E[trace(E H E^T)] ~ sum_{rows r, groups g} s_rg^2 / 12 * sum_{i in g} d_i,   s_rg = (max - min) / (2^b - 1).
+    It knows GPTQ (d, not H: error feedback removes the part of an error the later inputs can explain) and is
+    smooth in T (no rounding): T learns to make the steps small where d is large."""
+    wg, mask = _grouped(Wr, cfg.group)                                          # (R, G, g)
+    s, _ = _minmax_params(wg.amin(-1), wg.amax(-1), cfg.bits, cfg.sym)          # (R, G)
+    dg = (_grouped(d.view(1, -1), cfg.group)[0][0] * mask).sum(-1)              # (G,)
+    return (s.pow(2) * dg).sum() / 12 / base
+
+
 def uniformity_loss(z, bits, temperature=0.5):
     """KL(p || uniform) of a soft histogram of each row of z (tokens, n) over the 2^bits bins of a min-max
     quantizer spanning that row. Soft assignment: softmax_k(-((z - c_k)/width)^2 / temperature). Zero when
@@ -323,36 +344,45 @@ def uniformity_loss(z, bits, temperature=0.5):
 
 
 # -----------------------------------------------------------------------------
-# learning the transform of one site (the paper's per-linear objective)
+# learning the transform of one site
 #
-#   min_T  trace(E H E^T) / trace(W H W^T)  +  lambda * KL(hist(T X) || uniform),    E = W - Q(W T^T) T
+#   layer (the paper's):  min_T  trace(E H E^T) / trace(W H W^T)  +  lambda * KL(hist(T X) || uniform),
+#                         E = W - Q(W T^T) T,  Q the straight-through min-max RTN
+#   gptq:                 min_T  sum_{r,g} s_rg(W T^T)^2 / 12 * sum_{i in g} d_i(T H T^T)  / trace(W H W^T)
+#                         (gptq_proxy_loss: GPTQ's expected loss; d is recomputed every `refresh` steps)
 #
-# W stacks the linears that read the site's input (q/k/v share one T); Q is the straight-through min-max RTN.
+# W stacks the linears that read the site's input (q/k/v share one T).
 
 @dataclass
 class LearnConfig:
-    init: str = "best"        # identity | hadamard | rhadamard | random | best (the better of identity and hadamard)
-    steps: Optional[int] = None   # per site (layer: 30) or per block (block: 20)
-    lr: Optional[float] = None    # layer: 0.5 with SGD; block: 0.01 with Adam
+    init: Optional[str] = None    # identity | hadamard | rhadamard | random | best (the better of identity and
+                                  # hadamard); gptq: rhadamard, else best
+    steps: Optional[int] = None   # per site (layer: 30, gptq: 300) or per block (block: 20)
+    lr: Optional[float] = None    # layer: 0.5 with SGD; gptq: 0.02, block: 0.01 with Adam
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
     checkpoints: int = 1      # times per site the iterate is scored with the final quantizer (the best is kept)
     optim: Optional[str] = None   # sgd (momentum 0.9) or adam, both cosine-decayed; layer: sgd, block: adam
     lambda_unif: float = 0.0  # weight of the uniformity regulariser
-    objective: str = "layer"  # layer: each site alone (trace loss); block: the four sites of a block jointly
+    objective: str = "layer"  # layer: each site alone (trace loss); gptq: each site alone (GPTQ's expected
+                              # loss); block: the four sites of a block jointly
     batch: int = 2            # block objective: sequences per step
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
     lwc: bool = False         # block objective: also learn per-group clip factors (used by RTN)
     clip_lr: float = 5e-3     # their learning rate (Adam)
+    refresh: int = 10         # gptq objective: steps between recomputations of d(T H T^T) (an O(n^3) Cholesky)
 
     def __post_init__(self):
-        if self.objective not in ("layer", "block"):
+        defaults = dict(layer=("best", 30, 0.5, "sgd"), gptq=("rhadamard", 300, 0.02, "adam"),
+                        block=("best", 20, 0.01, "adam"))
+        if self.objective not in defaults:
             raise ValueError(f"unknown objective {self.objective!r}")
-        block = self.objective == "block"
-        self.steps = (20 if block else 30) if self.steps is None else self.steps
-        self.lr = (0.01 if block else 0.5) if self.lr is None else self.lr
-        self.optim = ("adam" if block else "sgd") if self.optim is None else self.optim
-        if self.batch < 1 or self.tokens < 2 or not (math.isfinite(self.clip_lr) and self.clip_lr > 0):
-            raise ValueError("batch must be >= 1, tokens >= 2 and clip_lr positive")
+        init, steps, lr, optim = defaults[self.objective]
+        self.init = init if self.init is None else self.init
+        self.steps = steps if self.steps is None else self.steps
+        self.lr = lr if self.lr is None else self.lr
+        self.optim = optim if self.optim is None else self.optim
+        if self.batch < 1 or self.tokens < 2 or self.refresh < 1 or not (math.isfinite(self.clip_lr) and self.clip_lr > 0):
+            raise ValueError("batch must be >= 1, tokens >= 2, refresh >= 1 and clip_lr positive")
         if self.init not in ("identity", "hadamard", "rhadamard", "random", "best"):
             raise ValueError(f"unknown init {self.init!r}")
         if self.optim not in ("sgd", "adam"):
@@ -414,13 +444,23 @@ def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
     T, start, best_q = start_transform(W, H, qcfg, lcfg.init, seed, base)
     best, best_state = start, copy.deepcopy(T.state_dict())
 
-    def loss_of(rows=None):
+    d = None
+
+    def loss_of(rows, step):
         """The relative loss on a subset of rows, with T in its fast form: Q(W T^T) has rows Q(T w), and
         E = W - Q(W T^T) T has rows w - T^T q."""
+        nonlocal d
         Ws = W if rows is None else W[rows]
-        Wq = fake_quant_ste(T(Ws), qcfg)
-        E = Ws - T.transpose(Wq)
-        rec = ((E @ H) * E).sum() / (base * Ws.shape[0] / W.shape[0])
+        rbase = base * Ws.shape[0] / W.shape[0]
+        if lcfg.objective == "gptq":
+            if (step - 1) % lcfg.refresh == 0:
+                with torch.no_grad():
+                    M = T.matrix()
+                    d = gptq_column_weights(M @ H @ M.T)
+            rec = gptq_proxy_loss(T(Ws), d, qcfg, rbase)
+        else:
+            E = Ws - T.transpose(fake_quant_ste(T(Ws), qcfg))
+            rec = ((E @ H) * E).sum() / rbase
         if lcfg.lambda_unif:
             return rec + lcfg.lambda_unif * uniformity_loss(T(Xu), qcfg.bits)
         return rec
@@ -434,7 +474,7 @@ def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
         rows = None
         if lcfg.rows and W.shape[0] > lcfg.rows:
             rows = torch.randperm(W.shape[0], generator=g, device=W.device)[: lcfg.rows]
-        descend(opt, sched, loss_of(rows), step)
+        descend(opt, sched, loss_of(rows, step), step)
         if step % every == 0 or step == lcfg.steps:
             s, qsz = score(W, H, T.matrix().detach(), qcfg, base)
             if s < best:

@@ -333,6 +333,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
 SWEEP_CELLS = [(2, 64, "gptq"), (3, 128, "gptq"), (2, 64, "rtn"), (3, 128, "rtn")]
 SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadamard")),
               ("random", dict(rotation="random")), ("butterfly-layer", dict(rotation="butterfly")),
+              ("butterfly-gptq", dict(rotation="butterfly", objective="gptq")),
               ("butterfly-block", dict(rotation="butterfly", objective="block")),
               ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True))]
 SWEEP_SEEDS = (0, 1, 2)
@@ -418,9 +419,10 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, Meta/HF directory or .gguf")
     p.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>-<settings>.safetensors)")
     p.add_argument("--rotation", default="butterfly", choices=["none", "hadamard", "random", "butterfly"])
-    p.add_argument("--init", default="best", choices=["identity", "hadamard", "rhadamard", "random", "best"],
-                   help="butterfly start; 'best' starts from the better of identity and hadamard per site; "
-                        "'rhadamard': pi/4 + k pi/2 with random k, a randomised Hadamard")
+    p.add_argument("--init", default=None, choices=["identity", "hadamard", "rhadamard", "random", "best"],
+                   help="butterfly start (default: gptq objective rhadamard, else best); 'best' starts from the "
+                        "better of identity and hadamard per site; 'rhadamard': pi/4 + k pi/2 with random k, a "
+                        "randomised Hadamard")
     p.add_argument("--bits", "--w_bits", "--wbits", type=int, default=3, help="weight bits (2, 3, 4, 8)")
     p.add_argument("--group", "--w_groupsize", type=int, default=128, help="group size; 0 or -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
@@ -440,11 +442,16 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per sample and per evaluation window (default 2048; data-free on CPU: %d)"
                         % DATA_FREE_CPU[1])
-    p.add_argument("--objective", default="layer", choices=["layer", "block"],
-                   help="layer: each site alone, trace(E H E^T) (the paper's); block: a block's four transforms "
-                        "jointly on the block's output MSE")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps per site (layer: 30) or block (block: 20)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; block: 0.01, Adam)")
+    p.add_argument("--objective", default="layer", choices=["layer", "gptq", "block"],
+                   help="layer: each site alone, trace(E H E^T) under straight-through RTN (the paper's); gptq: each "
+                        "site alone, GPTQ's expected loss; block: a block's four transforms jointly on the block's "
+                        "output MSE")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimisation steps per site (layer: 30, gptq: 300) or block (block: 20)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; gptq: 0.02, block: 0.01, "
+                                                          "Adam)")
+    p.add_argument("--refresh", type=int, default=10, help="gptq objective: steps between recomputations of GPTQ's "
+                                                           "column weights")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
     p.add_argument("--lwc", action="store_true", help="block objective: learn per-group clip factors too (RTN)")
@@ -452,7 +459,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoints", type=int, default=1, help="times per site the iterate is scored with the "
                                                                     "final quantizer (the best is kept)")
     p.add_argument("--optim", default=None, choices=["sgd", "adam"],
-                   help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd, block adam)")
+                   help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd, gptq and block adam)")
     p.add_argument("--lambda_unif", type=float, default=0.0, help="weight of the uniformity regulariser")
     p.add_argument("--unif_tokens", type=int, default=256, help="tokens per site kept for the regulariser")
     p.add_argument("--seed", type=int, default=0)
@@ -483,11 +490,12 @@ def parse_args(argv=None):
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
         lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, a.objective,
-                            a.block_batch, a.block_tokens, a.lwc)
+                            a.block_batch, a.block_tokens, a.lwc, refresh=a.refresh)
     except ValueError as e:
         raise UserError(str(e)) from None
     if a.out is None:
-        tag = cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}"
+        tag = cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
+            "" if lc.objective == "layer" else f"-{lc.objective}")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}.safetensors")
