@@ -5,8 +5,8 @@ dispatch in one place (rules in the dispatch section): Triton on CUDA tensors, t
 
 Default paths (each compiles for sm_90 and sm_80 without spills: `--compile`, checked by test_all.py):
   T x      block-matmul butterfly (m = 16..256: its blocks loaded once per program, persistent loop over rows),
-           else the register-shuffle butterfly (one stage at a time; pure n >= 512 such as 4096); fp32 with a
-           64-segment Q (n = 11008) runs the reference.
+           else the register-shuffle butterfly (one stage at a time; pure n >= 512 such as 4096); m > 16384, and
+           fp32 with a 64-segment Q (n = 11008), run the reference.
   matmul   decode (<= 16 rows): slab GEMV (2/4/8 bits, tile-aligned widths) or split-K tile GEMV; the fused
            dequant-GEMM up to PREFILL_ROWS; beyond, dequantize once and cuBLAS.
 Experimental (off by default, last section): the Triton backward of the transform, and the decode GEMV with the
@@ -166,7 +166,8 @@ if HAVE_TRITON:
 # Pure butterflies in the shuffle kernel: rows per program. Every program loads all L x n/2 cos/sin pairs (fp32),
 # i.e. L / ROWS times the bytes of its fp16 rows read and written: 6x at L = 12 and 2 rows. More rows cut that
 # traffic but hold more registers: at n = 4096, 4 rows take 255 registers and 8 rows spill (`--bench` sweeps it
-# with each configuration's static facts; `--compile` proves the default does not spill).
+# with each configuration's static facts; `--compile` proves the default does not spill). n >= 16384: one row
+# (two spill 8-120 bytes on sm_90 and sm_80).
 ROWS_PER_PROGRAM = 2
 
 
@@ -182,7 +183,7 @@ def _launch_transform(x, cos, sin, Q, transpose):
     y = torch.empty_like(xf)
     q = Q.float().contiguous() if Q is not None else cos       # any pointer when there is no Q
     R = xf.shape[0]
-    kp = _kp(K) if Q is not None else ROWS_PER_PROGRAM
+    kp = _kp(K) if Q is not None else ROWS_PER_PROGRAM if n < 16384 else 1
     if R:
         grid = (R if Q is not None else triton.cdiv(R, kp),)
         _launch(_transform_kernel, grid, xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
@@ -541,12 +542,13 @@ def gemv_slab_triton(x, words, scales, zeros, bits, group, out_features, in_feat
 # dispatch: the one place that picks Triton or the reference, and which kernel
 
 def _transform_supported(x, Q):
-    """Rule: Triton for CUDA tensors except composites with m < 16 or K > 128 (tile shapes), and fp32 with a Q
-    tile (next_pow2(K), m) over 8192 values (n = 11008: 64 x 256), where the fp32 "ieee" Q dot runs on FMA units
-    and spills in every kernel that has it (`--compile`); the reference (cuBLAS for Q) runs those."""
+    """Rule: Triton for CUDA tensors except m > 16384 (the shuffle kernel spills 1.5-14 KB at 32768), composites
+    with m < 16 or K > 128 (tile shapes), and fp32 with a Q tile (next_pow2(K), m) over 8192 values (n = 11008:
+    64 x 256), where the fp32 "ieee" Q dot runs on FMA units and spills in every kernel that has it (`--compile`);
+    the reference (cuBLAS for Q) runs those."""
     K = 1 if Q is None else Q.shape[0]
     m = x.shape[-1] // K
-    if not use_triton(x) or m < 2 or (Q is not None and (m < 16 or K > 128)):
+    if not use_triton(x) or m < 2 or m > 16384 or (Q is not None and (m < 16 or K > 128)):
         return False
     return not (x.dtype == torch.float32 and Q is not None and _kp(K) * m > 8192)
 
