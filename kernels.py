@@ -312,7 +312,7 @@ def _block_split(m):
 
 HELD_M = 256
 # Stream kernel tile. TR = 32 rows: a resident program (one per SM at > 128 registers x 256 threads) keeps
-# 32 x m intermediate values in L2, 33 MB over an H100's 132 SMs at m = 4096 in fp16 (L2: 50 MB); 64 rows would
+# 32 x m intermediate values in L2, 33 MiB over an H100's 132 SMs at m = 4096 in fp16 (L2: 50 MB); 64 rows would
 # halve the block re-reads but overflow it. LO (lo per pass-2 dot) as large as keeps its accumulator
 # LO x TR x B1 within STREAM_VALUES and its W1 slice LO x B1 x B1 within twice that, which compiles without
 # spills (`--compile`); m = 4096: LO = 8, pass-2 runs of 16 bytes. fp32 ("ieee": FMA units, whole K slices per
@@ -1000,6 +1000,23 @@ def bench():
             x = torch.randn(rows, n, device=dev, dtype=dt)
             nbytes = 2 * x.numel() * 2 + 2 * c.numel() * 4 + (K * K * 4 if K > 1 else 0)
             cases.append((f"n = {n} ({K} x {m}), {rows} rows", nbytes, functools.partial(butterfly, x, c, s, Q)))
+    _bench_rows(gpu, bw, cases)
+    print("\n## n = 4096, fp16: stream kernel (the default) against shuffle kernel\n")
+    print("min MB: rows in and out, and the kernel's parameters read once from HBM (the blocks, or cos/sin). "
+          "L2 MB (_l2_bytes, the model behind the rule): the rows, plus what each program re-reads from L2 (the "
+          "blocks per 32-row tile, or cos/sin per 2-row program), plus the stream kernel's intermediate, written to "
+          "L2 and read back.\n")
+    th = torch.rand(12, 2048, device=dev) * 6.28 if gpu else torch.empty(12, 2048, device=dev)
+    c, s = th.cos(), th.sin()
+    cases = []
+    for rows in (16, 4096, 8192):
+        x = torch.randn(rows, 4096, device=dev, dtype=dt)
+        for name, f in (("stream", functools.partial(_launch_blocks, x, c, s, None)),
+                        ("shuffle", functools.partial(_launch_transform, x, c, s, None, False))):
+            (kernel, args, meta), = _recorded(f)
+            params = args[2:4] if kernel is _bfly_stream_kernel else (c, s)
+            cases.append((f"{name}, {rows} rows, L2 {_l2_bytes(kernel, args, meta) / 1e6:.0f} MB",
+                          2 * x.numel() * 2 + sum(p.numel() * p.element_size() for p in params), f))
     _bench_rows(gpu, bw, cases)
     print("\n## shuffle kernel, n = 4096, 8192 rows, fp16: rows per program (the dispatch uses "
           f"{ROWS_PER_PROGRAM})\n")
