@@ -4,9 +4,10 @@ y = x @ dequant(Wq)^T. Each Triton kernel sits beside its PyTorch reference; `bu
 dispatch in one place (rules in the dispatch section): Triton on CUDA tensors, the references everywhere else.
 
 Default paths (each compiles for sm_90 and sm_80 without spills: `--compile`, checked by test_all.py):
-  T x      block-matmul butterfly (m = 16..256: its blocks loaded once per program, persistent loop over rows),
-           else the register-shuffle butterfly (one stage at a time; pure n >= 512 such as 4096); fp32 with a
-           64-segment Q (n = 11008) runs the reference.
+  T x      block-matmul butterfly: m = 16..256 holds its blocks for a program's life, m = 512..16384 (fp16,
+           bf16; n = 4096) streams them from L2 per tile of 32 rows; persistent loops over rows. fp32 at
+           m >= 512: the register-shuffle butterfly (one stage at a time). m > 16384, and fp32 with a 64-segment
+           Q (n = 11008), run the reference. Reasons in butterfly() and _transform_supported().
   matmul   decode (<= 16 rows): slab GEMV (2/4/8 bits, tile-aligned widths) or split-K tile GEMV; the fused
            dequant-GEMM up to PREFILL_ROWS; beyond, dequantize once and cuBLAS.
 Experimental (off by default, last section): the Triton backward of the transform, and the decode GEMV with the
@@ -166,7 +167,8 @@ if HAVE_TRITON:
 # Pure butterflies in the shuffle kernel: rows per program. Every program loads all L x n/2 cos/sin pairs (fp32),
 # i.e. L / ROWS times the bytes of its fp16 rows read and written: 6x at L = 12 and 2 rows. More rows cut that
 # traffic but hold more registers: at n = 4096, 4 rows take 255 registers and 8 rows spill (`--bench` sweeps it
-# with each configuration's static facts; `--compile` proves the default does not spill).
+# with each configuration's static facts; `--compile` proves the default does not spill). n >= 16384: one row
+# (two spill 8-120 bytes on sm_90 and sm_80).
 ROWS_PER_PROGRAM = 2
 
 
@@ -182,7 +184,7 @@ def _launch_transform(x, cos, sin, Q, transpose):
     y = torch.empty_like(xf)
     q = Q.float().contiguous() if Q is not None else cos       # any pointer when there is no Q
     R = xf.shape[0]
-    kp = _kp(K) if Q is not None else ROWS_PER_PROGRAM
+    kp = _kp(K) if Q is not None else ROWS_PER_PROGRAM if n < 16384 else 1
     if R:
         grid = (R if Q is not None else triton.cdiv(R, kp),)
         _launch(_transform_kernel, grid, xf, y, cos.float().contiguous(), sin.float().contiguous(), q,
@@ -198,7 +200,9 @@ def _launch_transform(x, cos, sin, Q, transpose):
 # indices inside contiguous runs of B0 = 2^g0, and stages g0..L-1 only mix indices equal mod B0:
 #   B = G1 G0,  G0 = blockdiag over h < m/B0 of (B0, B0) blocks on positions h B0 + t,
 #               G1 = blockdiag over lo < B0 of (B1, B1) blocks on positions t B0 + lo,   B1 = m / B0.
-# Each group is one batched tl.dot per row tile (tensor cores) in place of g register shuffles.
+# Each group is one batched tl.dot per row tile (tensor cores) in place of g register shuffles. Two kernels:
+# m <= HELD_M holds the blocks for a program's life; larger m streams them (2 x 64 x 4096 values at m = 4096 do
+# not fit in one program's registers).
 
 if HAVE_TRITON:
     @triton.jit
@@ -247,15 +251,73 @@ if HAVE_TRITON:
                 x = tl.reshape(tl.permute(_mm(x, w1, DOT), (1, 2, 0)), (TR, M))
             tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=ok[:, None])
 
+    @triton.jit(do_not_specialize=["NTILES", "NROWS"])
+    def _bfly_stream_kernel(x_ptr, y_ptr, w0_ptr, w1_ptr, q_ptr, NTILES, NROWS, K: tl.constexpr, TR: tl.constexpr,
+                            M: tl.constexpr, B0: tl.constexpr, B1: tl.constexpr, LO: tl.constexpr,
+                            HAS_Q: tl.constexpr, DOT: tl.constexpr):
+        """y = T x with B = G1 G0 for m too large to hold the blocks: each program re-reads them from global memory
+        per row tile (all programs read the same m (B0 + B1) values, so they stay in L2). Per (TR, M) row tile,
+        persistent as _bfly_block_kernel: pass 1 runs G0 one (TR, B0) chunk at a time, x -> y; pass 2 runs G1 in
+        place on y (the program's own rows, just written: L2-hot), LO consecutive lo at once so that its loads are
+        runs of LO values rather than single ones at stride B0. With Q: (Q X) W0 = Q (X W0), so Q mixes each
+        chunk's segments before its G0 dot.
+        The intermediate G0 x is stored in y's dtype. fp16: no cost, the "fp16" dot rounds its operands to fp16
+        anyway; fp32: none. bf16: one more bf16 rounding where the held kernel keeps a tf32 operand: relative error
+        2.9e-3 against 2.4e-3 at n = 4096 (round-to-nearest as on the GPU; the interpreter truncates: 6.4e-3)."""
+        H: tl.constexpr = M // B0
+        r = tl.arange(0, TR)
+        i0 = tl.arange(0, B0)
+        i1 = tl.arange(0, B1)
+        j = tl.arange(0, LO)
+        if HAS_Q:
+            q = tl.load(q_ptr + r[:, None] * TR + r[None, :])                          # Q zero-padded to (TR, TR)
+        for tile in range(tl.program_id(0), NTILES, tl.num_programs(0)):
+            if HAS_Q:           # segment rows tile K + r
+                ok = r < K
+                base = (r.to(tl.int64) + tile * K) * M
+            else:
+                rows = r.to(tl.int64) + tile * TR
+                ok = rows < NROWS
+                base = rows * M                                                         # (TR,)
+            for h in range(H):  # G0: y[:, h B0 + u] = sum_t x[:, h B0 + t] W0[h, t, u]
+                offs = base[:, None] + (h * B0 + i0)[None, :]                           # (TR, B0)
+                x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0)
+                if HAS_Q:
+                    x = _mm(q, x, DOT)
+                w0 = tl.load(w0_ptr + h * B0 * B0 + i0[:, None] * B0 + i0[None, :])    # (B0, B0)
+                tl.store(y_ptr + offs, _mm(x, w0, DOT).to(y_ptr.dtype.element_ty), mask=ok[:, None])
+            # bar.sync orders pass 1's global writes before pass 2's reads for every thread of this CTA (PTX, CTA scope)
+            tl.debug_barrier()
+            for lo in range(0, B0, LO):     # G1: y[:, u B0 + lo] = sum_t y[:, t B0 + lo] W1[lo, t, u]
+                offs = base[None, :, None] + (i1[None, None, :] * B0 + lo + j[:, None, None])   # (LO, TR, B1)
+                z = tl.load(y_ptr + offs, mask=ok[None, :, None], other=0.0)
+                w1 = tl.load(w1_ptr + ((lo + j)[:, None, None] * B1 + i1[None, :, None]) * B1
+                             + i1[None, None, :])                                      # (LO, B1, B1)
+                tl.store(y_ptr + offs, _mm(z, w1, DOT).to(y_ptr.dtype.element_ty), mask=ok[None, :, None])
+
 
 def _block_split(m):
-    """(B0, B1) for the block kernel, or None. Rule: every dot dimension >= 16 (the tensor-core minimum), and the
-    blocks, which a program holds for its whole life, at most m (B0 + B1) <= 16384 values (64 KB in fp32):
-    m = 16..128 is one dense m x m block (B1 = 1), m = 256 is 16 x 16. At m = 4096 the 64 x 64 split holds
-    2 x 4096 x 64 values, too many for one program: the shuffle kernel runs there."""
-    if m < 16 or m > 256:
+    """(B0, B1) for the block kernels, or None. Rule: every dot dimension 16..128 (16: the tensor-core minimum;
+    128: the largest that compiles without spills), so m = 16..16384. m <= 128 is one dense m x m block (B1 = 1);
+    larger m splits evenly, B1 = 2^floor(L/2) <= B0, which makes B0 + B1 smallest: the dot depth per value, so
+    the tensor-core work and the block bytes per row. 256 = 16 x 16, 4096 = 64 x 64, 8192 = 128 x 64. Up to
+    HELD_M a program holds its blocks (at most 128 x 129 values); beyond, it streams them (_bfly_stream_kernel)."""
+    if m < 16 or m > 16384:
         return None
-    return (m, 1) if m <= 128 else (16, m // 16)
+    if m <= 128:
+        return (m, 1)
+    B1 = 1 << ((m.bit_length() - 1) // 2)
+    return (m // B1, B1)
+
+
+HELD_M = 256
+# Stream kernel tile. TR = 32 rows: a resident program (one per SM at > 128 registers x 256 threads) keeps
+# 32 x m intermediate values in L2, 33 MiB over an H100's 132 SMs at m = 4096 in fp16 (L2: 50 MB); 64 rows would
+# halve the block re-reads but overflow it. LO (lo per pass-2 dot) as large as keeps its accumulator
+# LO x TR x B1 within STREAM_VALUES and its W1 slice LO x B1 x B1 within twice that, which compiles without
+# spills (`--compile`); m = 4096: LO = 8, pass-2 runs of 16 bytes. fp32 ("ieee": FMA units, whole K slices per
+# thread) halves TR and both budgets and does not pipeline.
+STREAM_VALUES = 16384
 
 
 def butterfly_blocks(cos, sin, B0):
@@ -288,6 +350,8 @@ def _blocks(cos, sin, B0, dtype):
 
 
 def _launch_blocks(x, cos, sin, Q):
+    """Either block kernel for T x (m = 16..16384, see _block_split). Blocks (and Q) in fp16 for the "fp16" dot and
+    for the streamed "tf32" one (tf32 keeps fp16's 10 mantissa bits: half the bytes re-read, no precision lost)."""
     n = x.shape[-1]
     K = 1 if Q is None else Q.shape[0]
     m = n // K
@@ -296,15 +360,23 @@ def _launch_blocks(x, cos, sin, Q):
     y = torch.empty_like(xf)
     R = xf.shape[0]
     dot = _dot_mode(x.dtype)
-    W0, W1 = _blocks(cos, sin, B0, torch.float16 if dot == "fp16" else torch.float32)
-    TR = _kp(K) if Q is not None else 16
+    stream = m > HELD_M
+    W0, W1 = _blocks(cos, sin, B0, torch.float16 if dot == "fp16" or (stream and dot == "tf32") else torch.float32)
+    fma = 2 if dot == "ieee" else 1
+    TR = _kp(K) if Q is not None else 32 // fma if stream else 16
     q = W0                                      # any pointer when there is no Q
     if Q is not None:
         q = torch.zeros(TR, TR, device=x.device, dtype=W0.dtype)
         q[:K, :K] = Q
     tiles = R if Q is not None else triton.cdiv(R, TR)
-    if R:
-        _launch(_bfly_block_kernel, (min(tiles, _programs_wanted(x.device)),), xf, y, W0, W1, q, tiles, R,
+    grid = (min(tiles, _programs_wanted(x.device)),)
+    if R and stream:
+        LO = min(B0, STREAM_VALUES // fma // (TR * B1), 2 * STREAM_VALUES // fma // (B1 * B1))
+        _launch(_bfly_stream_kernel, grid, xf, y, W0, W1, q, tiles, R, K=K, TR=TR, M=m, B0=B0, B1=B1, LO=LO,
+                HAS_Q=Q is not None, DOT=dot, num_warps=8, num_stages=1 if dot == "ieee" else 2)
+        # num_stages=2: prefetch the next chunk (one 8-warp program per SM has nothing else to hide L2 latency)
+    elif R:
+        _launch(_bfly_block_kernel, grid, xf, y, W0, W1, q, tiles, R,
                 K=K, TR=TR, M=m, B0=B0, B1=B1, HAS_Q=Q is not None, DOT=dot,
                 num_warps=4 if TR * m + m * (B0 + B1) <= 8192 else 8, num_stages=1)   # 8 warps: big tile + blocks
         # num_stages=1: pipelining the persistent loop's loads double-buffers the tile in shared memory (n = 11008:
@@ -541,24 +613,35 @@ def gemv_slab_triton(x, words, scales, zeros, bits, group, out_features, in_feat
 # dispatch: the one place that picks Triton or the reference, and which kernel
 
 def _transform_supported(x, Q):
-    """Rule: Triton for CUDA tensors except composites with m < 16 or K > 128 (tile shapes), and fp32 with a Q
-    tile (next_pow2(K), m) over 8192 values (n = 11008: 64 x 256), where the fp32 "ieee" Q dot runs on FMA units
-    and spills in every kernel that has it (`--compile`); the reference (cuBLAS for Q) runs those."""
+    """Rule: Triton for CUDA tensors except m > 16384 (the shuffle kernel spills 1.5-14 KB at 32768), composites
+    with m < 16 or K > 128 (tile shapes), and fp32 with a Q tile (next_pow2(K), m) over 8192 values (n = 11008:
+    64 x 256), where the fp32 "ieee" Q dot runs on FMA units and spills in every kernel that has it (`--compile`);
+    the reference (cuBLAS for Q) runs those."""
     K = 1 if Q is None else Q.shape[0]
     m = x.shape[-1] // K
-    if not use_triton(x) or m < 2 or (Q is not None and (m < 16 or K > 128)):
+    if not use_triton(x) or m < 2 or m > 16384 or (Q is not None and (m < 16 or K > 128)):
         return False
     return not (x.dtype == torch.float32 and Q is not None and _kp(K) * m > 8192)
 
 
 def butterfly(x, cos, sin, Q=None):
-    """T x for the online transform (inference; no gradient). Rule: the block kernel where _block_split(m) holds
-    (m = 16..256: every composite n here, e.g. 576 = 36 x 16, 1536 = 12 x 128, 11008 = 43 x 256, and pure
-    n <= 256): tensor-core dots, blocks loaded once per program. Else the shuffle kernel (pure n >= 512, e.g.
-    4096, and composites with m >= 512). Neither spills at any configuration it is given (`--compile`)."""
+    """T x for the online transform (inference; no gradient). Rule, by the butterfly's width m (n = K m):
+      m = 16..256: the held-blocks kernel (every composite n here, e.g. 576 = 36 x 16, 1536 = 12 x 128,
+        11008 = 43 x 256, and pure n <= 256): tensor-core dots, blocks loaded once per program.
+      m = 512..16384 in fp16 / bf16: the stream kernel (pure 4096, 8192; composites such as 14336 = 28 x 512).
+      fp32 at m = 512..16384: the shuffle kernel. (_transform_supported sends the rest to the reference.)
+    Neither has run on a GPU. At n = 4096 the stream kernel is the default on the bytes model (`--bench`,
+    _l2_bytes): per fp16 or bf16 row it moves 82 KB through L2 (the row in and out, its 64 x 64 blocks re-read
+    once per 32 rows, the intermediate written and read back at half-sector runs) against the shuffle kernel's
+    115 KB (all L x m/2 fp32 cos/sin pairs re-read per 2-row program). Issue does not decide it: sm_90 SASS per
+    row is 3.9K warp instructions against 5.7K in fp16, 6.5K against 5.7K in bf16, ~60 us for 8192 rows on an
+    H100's 528 schedulers at 1.7 GHz, when 671 MB of L2 traffic takes longer at any L2 bandwidth under 11 TB/s.
+    fp32 is the other way round: fp32 blocks on FMA units (B0 + B1 = 128 FMAs per value against 2 L = 24) move
+    229 KB against 131 KB, so fp32 keeps the shuffle kernel. None spills at any width it is given (`--compile`)."""
     if _transform_supported(x, Q):
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        if _block_split(x.shape[-1] // (1 if Q is None else Q.shape[0])):
+        m = x.shape[-1] // (1 if Q is None else Q.shape[0])
+        if _block_split(m) and (m <= HELD_M or x.dtype != torch.float32):
             return _launch_blocks(x, cos, sin, Q)
         return _launch_transform(x, cos, sin, Q, False)
     return transform_ref(x, cos, sin, Q)
@@ -680,6 +763,8 @@ class OnlineTransform(nn.Module):
 # spills and stack. sm_90 (H100) runs triton's ptxas-blackwell, sm_80 (A100) its ptxas, as at run time.
 
 NS = (576, 1536, 4096, 11008)       # SmolLM2-135M's dim and hidden width, LLaMA-2-7B's
+TRANSFORM_NS = (512, 1024, 2048, 8192, 16384, 14336)    # T x only: the stream kernel's other widths, and m = 512
+# in a composite (14336 = 28 x 512: LLaMA-3-8B's hidden width)
 TARGETS = {90: ("H100", "sm_90a", 232448), 80: ("A100", "sm_80", 166912)}    # name, ptxas arch, smem per block
 
 
@@ -694,11 +779,12 @@ def _recorded(f):
     return got
 
 
-def dispatch_launches(ns=NS, group=128, dtypes=(torch.float32, torch.float16, torch.bfloat16), experimental=False):
+def dispatch_launches(ns=NS, transform_ns=TRANSFORM_NS, group=128,
+                      dtypes=(torch.float32, torch.float16, torch.bfloat16), experimental=False):
     """Every launch the dispatch can make at widths ns, recorded on meta tensors (nothing runs):
     butterfly() for each dtype; qmatmul() (n x n) for each dtype, bit width and row regime (decode <= 16 rows,
     GEMM, prefill >= PREFILL_ROWS); with `experimental`, also the fused decode kernel (FUSE_ROWS on) and the
-    Triton backward. -> [(label, kernel, args, meta)]"""
+    Triton backward. At widths transform_ns, butterfly() only. -> [(label, kernel, args, meta)]"""
     global FUSE_ROWS
     out = []
 
@@ -706,7 +792,7 @@ def dispatch_launches(ns=NS, group=128, dtypes=(torch.float32, torch.float16, to
         out.extend((label, *g) for g in _recorded(f))
 
     meta = dict(device="meta")
-    for n in ns:
+    for n in ns + transform_ns:
         K, m = bq.kron_split(n)
         cos = sin = torch.empty(m.bit_length() - 1, m // 2, **meta)
         Q = torch.empty(K, K, **meta) if K > 1 else None
@@ -716,7 +802,7 @@ def dispatch_launches(ns=NS, group=128, dtypes=(torch.float32, torch.float16, to
             for rows in (1, 17):        # the row count changes the grid only
                 x = torch.empty(rows, n, dtype=dt, **meta)
                 record(f"butterfly n={n} {name}", lambda: butterfly(x, cos, sin, Q))
-            for bits in (2, 3, 4, 8):
+            for bits in ((2, 3, 4, 8) if n in ns else ()):
                 G = bq.ngroups(n, group)
                 args = (torch.empty(-(-n * n * bits // 32), dtype=torch.int32, **meta),
                         torch.empty(n, G, dtype=torch.float16, **meta), torch.empty(n, G, dtype=torch.float16, **meta),
@@ -733,7 +819,7 @@ def dispatch_launches(ns=NS, group=128, dtypes=(torch.float32, torch.float16, to
                 finally:
                     FUSE_ROWS = keep
         y = torch.empty(4, n, **meta)
-        if experimental:
+        if experimental and n in ns:
             record(f"experimental: backward n={n} float32",
                    lambda: _launch_transform_bwd(y, y, cos, sin, Q, (m.bit_length() - 1, m // 2)))
     return out
@@ -874,6 +960,19 @@ def _bench_rows(gpu, bw, cases):
               + " | ".join(cells) + " |")
 
 
+def _l2_bytes(kernel, args, meta):
+    """Bytes a transform launch moves through L2 by the model behind butterfly()'s rule, in 32-byte sectors: its
+    rows in and out, what its programs re-read (cos/sin per shuffle program, the blocks per stream tile), and the
+    stream kernel's intermediate, written by pass 1 and read and rewritten by pass 2 in runs of LO values."""
+    x, e = args[0], args[0].element_size()
+    if kernel is _transform_kernel:                     # x, y, cos, sin, ...
+        programs = x.shape[0] if meta["HAS_Q"] else triton.cdiv(x.shape[0], meta["KP"])
+        return 2 * x.numel() * e + programs * 2 * args[2].numel() * 4
+    assert kernel is _bfly_stream_kernel                # x, y, W0, W1, q, NTILES, ...
+    over = max(1, 32 // (meta["LO"] * e))               # pass 2: a run of LO values moves a whole 32-byte sector
+    return x.numel() * e * (2 + 2 * over) + args[5] * (args[2].numel() + args[3].numel()) * args[2].element_size()
+
+
 def bench():
     gpu = torch.cuda.is_available() and HAVE_TRITON
     dev = "cuda" if gpu else "meta"         # with no GPU, configurations are recorded and compiled, not run
@@ -901,6 +1000,23 @@ def bench():
             x = torch.randn(rows, n, device=dev, dtype=dt)
             nbytes = 2 * x.numel() * 2 + 2 * c.numel() * 4 + (K * K * 4 if K > 1 else 0)
             cases.append((f"n = {n} ({K} x {m}), {rows} rows", nbytes, functools.partial(butterfly, x, c, s, Q)))
+    _bench_rows(gpu, bw, cases)
+    print("\n## n = 4096, fp16: stream kernel (the default) against shuffle kernel\n")
+    print("min MB: rows in and out, and the kernel's parameters read once from HBM (the blocks, or cos/sin). "
+          "L2 MB (_l2_bytes, the model behind the rule): the rows, plus what each program re-reads from L2 (the "
+          "blocks per 32-row tile, or cos/sin per 2-row program), plus the stream kernel's intermediate, written to "
+          "L2 and read back.\n")
+    th = torch.rand(12, 2048, device=dev) * 6.28 if gpu else torch.empty(12, 2048, device=dev)
+    c, s = th.cos(), th.sin()
+    cases = []
+    for rows in (16, 4096, 8192):
+        x = torch.randn(rows, 4096, device=dev, dtype=dt)
+        for name, f in (("stream", functools.partial(_launch_blocks, x, c, s, None)),
+                        ("shuffle", functools.partial(_launch_transform, x, c, s, None, False))):
+            (kernel, args, meta), = _recorded(f)
+            params = args[2:4] if kernel is _bfly_stream_kernel else (c, s)
+            cases.append((f"{name}, {rows} rows, L2 {_l2_bytes(kernel, args, meta) / 1e6:.0f} MB",
+                          2 * x.numel() * 2 + sum(p.numel() * p.element_size() for p in params), f))
     _bench_rows(gpu, bw, cases)
     print("\n## shuffle kernel, n = 4096, 8192 rows, fp16: rows per program (the dispatch uses "
           f"{ROWS_PER_PROGRAM})\n")

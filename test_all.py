@@ -931,7 +931,7 @@ def dense_transform(T, x):
     return y.reshape(x.shape)
 
 
-@pytest.mark.parametrize("n", [64, 256, 576, 1536, 11008])
+@pytest.mark.parametrize("n", [64, 256, 512, 576, 1536, 11008])
 def test_butterfly_blocks_rebuild_the_dense_butterfly(n):
     """B = G1 G0 from the block matrices: G0 block-diagonal on contiguous runs, G1 on positions t B0 + lo."""
     T = random_transform(n, torch.float64)
@@ -960,6 +960,28 @@ def test_block_butterfly_kernel_matches_dense_float64(n, dtype, tol, monkeypatch
     assert rel(kernels._launch_blocks(x.to(dtype), th.cos(), th.sin(), Q), dense_transform(T, x)) < tol
 
 
+@pytest.mark.parametrize("n", [512, 1024, 4096, 6144])
+def test_stream_butterfly_kernel_matches_float64(n, monkeypatch):
+    """The streamed-blocks kernel (m > HELD_M): 3 and 17 rows, ragged row tiles (32 rows; fp32 16, so the one
+    program loops over two), pure 512 = 32 x 16, 1024 = 32 x 32, 4096 = 64 x 64, and 6144 = 12 x 512 (Q mixes
+    each chunk's segments). The float64 reference runs the stages on x: dense_transform builds its matrix the
+    same way (checked equal at m = 512) but takes minutes at n = 4096 on a busy 2-core CPU."""
+    monkeypatch.setattr(kernels, "_programs_wanted", lambda device: 1)
+    T = random_transform(n, torch.float64)
+    assert T.m > kernels.HELD_M
+    th = T.butterfly.theta.detach()
+    Q = T.q().detach() if T.K > 1 else None
+    c, s = th.float().cos(), th.float().sin()          # one tensor: the blocks are built once per dtype
+    for rows in (3, 17):
+        x = torch.randn(rows, n, dtype=torch.float64)
+        want = kernels.transform_ref(x, th.cos(), th.sin(), Q)
+        if T.m == 512:
+            assert rel(want, dense_transform(T, x)) < 1e-12
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
+            got = kernels._launch_blocks(x.to(dtype), c, s, None if Q is None else Q.float())
+            assert rel(got, want) < tol, (rows, dtype)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("out_f,in_f,group", [(40, 576, 64), (37, 256, 128), (64, 1536, 0)])
 def test_slab_gemv_matches_dense_float64(bits, out_f, in_f, group, monkeypatch):
@@ -986,7 +1008,9 @@ def test_dispatch_picks_the_kernels_its_rules_name():
         picks.setdefault(label, set()).add(kernel.__name__)
     for n in (576, 1536, 11008):
         assert picks[f"butterfly n={n} float16"] == picks[f"butterfly n={n} bfloat16"] == {"_bfly_block_kernel"}
-    assert picks["butterfly n=4096 float16"] == {"_transform_kernel"}
+    for n in (512, 4096, 8192, 16384, 14336):       # m = 512..16384: streamed blocks in fp16 / bf16, fp32 shuffles
+        assert picks[f"butterfly n={n} float16"] == picks[f"butterfly n={n} bfloat16"] == {"_bfly_stream_kernel"}
+    assert picks["butterfly n=4096 float32"] == picks["butterfly n=16384 float32"] == {"_transform_kernel"}
     assert "butterfly n=11008 float32" not in picks                 # the reference: fp32 with a 64 x 256 Q tile
     for bits in (2, 4, 8):
         assert picks[f"qmatmul 4096x4096 W{bits} g128 float16 decode"] == {"_gemv_slab_kernel"}
@@ -1002,8 +1026,9 @@ PTXAS_BLACKWELL = os.path.join(os.path.dirname(kernels.triton.__file__), "backen
 @pytest.mark.skipif(not os.path.exists(PTXAS_BLACKWELL), reason="no triton/backends/nvidia/bin/ptxas-blackwell")
 def test_every_dispatch_configuration_compiles_for_h100_and_a100_without_spills(tmp_path):
     """`python kernels.py --compile`: every launch dispatch_launches() records (each dtype, bit width, row regime
-    at n = 576, 1536, 4096, 11008) compiles for sm_90 and sm_80 with no spill stores or loads and within the
-    shared memory per block. Runs without the interpreter: it compiles PTX and cubins, nothing runs."""
+    at n = 576, 1536, 4096, 11008; T x alone at TRANSFORM_NS, 512..16384 and 14336) compiles for sm_90 and sm_80
+    with no spill stores or loads and within the shared memory per block. Runs without the interpreter: it
+    compiles PTX and cubins, nothing runs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "compile.json"
     r = subprocess.run([sys.executable, "kernels.py", "--compile", "--json", str(out)], cwd=HERE, env=env,
@@ -1012,8 +1037,8 @@ def test_every_dispatch_configuration_compiles_for_h100_and_a100_without_spills(
     rows = json.loads(out.read_text())
     assert {row["cap"] for row in rows} == {90, 80}
     assert {lab for row in rows for lab in row["labels"]} == {lab for lab, *_ in kernels.dispatch_launches()}
-    assert {row["kernel"] for row in rows} == {"_bfly_block_kernel", "_transform_kernel", "_gemv_slab_kernel",
-                                               "_qmatmul_kernel", "_dequant_kernel"}
+    assert {row["kernel"] for row in rows} == {"_bfly_block_kernel", "_bfly_stream_kernel", "_transform_kernel",
+                                               "_gemv_slab_kernel", "_qmatmul_kernel", "_dequant_kernel"}
     for row in rows:
         assert "error" not in row, row["labels"][0] + ": " + row["error"]
         assert row["spill_stores"] == row["spill_loads"] == 0, row
