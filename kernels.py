@@ -166,9 +166,9 @@ if HAVE_TRITON:
 
 # Pure butterflies in the shuffle kernel: rows per program. Every program loads all L x n/2 cos/sin pairs (fp32),
 # i.e. L / ROWS times the bytes of its fp16 rows read and written: 6x at L = 12 and 2 rows. More rows cut that
-# traffic but hold more registers: at n = 4096, 4 rows take 255 registers and 8 rows spill (`--bench` sweeps it
-# with each configuration's static facts; `--compile` proves the default does not spill). n >= 16384: one row
-# (two spill 8-120 bytes on sm_90 and sm_80).
+# traffic but hold more registers (`--bench` sweeps 1-16 rows with each configuration's registers and spills: at
+# n = 4096 16 rows spill; which count is fastest needs a GPU; `--compile` proves the default does not spill).
+# n >= 16384: one row (two spill 8-120 bytes on sm_90 and sm_80).
 ROWS_PER_PROGRAM = 2
 
 
