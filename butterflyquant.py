@@ -118,6 +118,18 @@ class Transform(nn.Module):
             self.register_buffer("base", base.to(dtype))
             self.A = nn.Parameter(torch.zeros(self.K, self.K, dtype=dtype))
 
+    @classmethod
+    def from_export(cls, entry, theta, Q=None):
+        """The inverse of export: the same T, with its K x K factor as the base and A = 0, so it learns on."""
+        T = cls(int(entry["n"]))
+        if (T.K, T.m) != (entry["K"], entry["m"]):
+            raise ValueError(f"transform {entry}: this code splits n = {T.n} as {T.K} x {T.m}")
+        with torch.no_grad():
+            T.butterfly.theta.copy_(theta)
+            if T.K > 1:
+                T.base.copy_(Q)
+        return T
+
     def export(self):
         """What inference needs: the file's description of T and its tensors (angles, K x K factor or None)."""
         entry = dict(n=self.n, dense=False, K=self.K, m=self.m)
@@ -275,6 +287,34 @@ def dequantize(q, scale, zero, group):
     return expand_groups(scale, n, group) * (q.float() - expand_groups(zero, n, group))
 
 
+class _CodesLinear(torch.autograd.Function):
+    """y = x (s (q - z))^T with gradients for x and the group scales s; q and z stay fixed. It saves the integer
+    codes, not the weight: W is rebuilt in the backward pass, so a pass over a large model holds one byte per
+    weight instead of four."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale, zero, group):
+        ctx.save_for_backward(x, q, scale, zero)
+        ctx.group = group
+        return x @ dequantize(q, scale, zero, group).to(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, gy):      # gx = gy W;  ds_rg = sum_{i in g} (gy^T x)_ri (q_ri - z_rg)
+        x, q, scale, zero = ctx.saved_tensors
+        R, n = q.shape
+        gx = gy @ dequantize(q, scale, zero, ctx.group).to(gy.dtype)
+        gW = gy.reshape(-1, R).T.float() @ x.reshape(-1, n).float()                  # (R, n)
+        gs = gW * (q.float() - expand_groups(zero.float(), n, ctx.group))
+        G, g = scale.shape[1], n if ctx.group == 0 else ctx.group
+        gs = torch.nn.functional.pad(gs, (0, G * g - n)).view(R, G, g).sum(-1)                   # (R, G)
+        return gx, None, gs.to(scale.dtype), None, None
+
+
+def codes_linear(x, q, scale, zero, group):
+    """x (..., n) -> x @ dequantize(q, scale, zero)^T (..., R), differentiable in x and scale (R, G)."""
+    return _CodesLinear.apply(x, q, scale, zero, group)
+
+
 def round_ste(x):
     """round in the forward pass, identity in the backward pass (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
@@ -296,6 +336,11 @@ def fake_quant_ste(w, cfg: QuantConfig, gamma=None):
 
 # -----------------------------------------------------------------------------
 # losses
+
+def kl_divergence(logp_ref, logp):
+    """KL(ref || model) per position, (..., V) log-probabilities -> (...): sum_v p_ref (log p_ref - log p)."""
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+
 
 def recon_loss_direct(W, What, T, X):
     """||W X - Q(W T^T) (T X)||^2 with What = Q(W T^T) (R, n), T (n, n), X (n, tokens)."""

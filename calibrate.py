@@ -30,6 +30,8 @@ from typing import Optional
 # 6x slower (38 s vs 6 s for 8 steps at batch 16 on SmolLM2). It must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import butterflyquant as bq
 import eval as evaluation
@@ -54,6 +56,8 @@ class CalibConfig:
     unif_tokens: int = 256              # tokens per site kept for the uniformity regulariser
     batch_size: int = 4                 # samples per forward pass (does not change the result)
     device: str = "cpu"                 # (does not change the result beyond float rounding)
+    finetune: int = 0                   # steps of the end-to-end pass after the last block (0: none)
+    finetune_lr: float = 2e-3           # its Adam learning rate (cosine-decayed)
 
 
 def settings(cc, qc, lc):
@@ -309,6 +313,14 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
                           f"{k} {v['final']:.3f}" for k, v in log.items())
         evaluation.say(f"block {l + 1:3d}/{args.n_layers} |{bar:<20}| {sites} | {time.time() - t0:5.1f}s "
                        f"eta {evaluation.fmt_time(eta)}")
+    ft = None
+    if cc.finetune:
+        ref = llama.load(cc.ckpt)[0]
+        try:
+            ft = finetune(model, ref, samples, cc.finetune, cc.finetune_lr, cc.seed, dev)
+        except bq.LearningError as e:
+            raise UserError(f"{e}: lower --finetune_lr and rerun (the blocks in {partial} are kept)") from None
+        del ref
     t_cal = time.time() - t_start
 
     packed = [m for m in model.modules() if m.__class__.__name__ == "QuantLinear"]
@@ -317,7 +329,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     finals = [v["final"] for k, v in site_log.items() if not k.endswith(".block")]
     llama.save_quantized(out, model, tok, dict(bits=qc.bits, group=qc.group, sym=qc.sym), settings=sett,
                          calib_source=source, data_free=source.startswith("data-free"), log=site_log,
-                         bits_per_weight=round(bpw, 4), calibration_seconds=round(t_cal, 1), device=dev)
+                         bits_per_weight=round(bpw, 4), calibration_seconds=round(t_cal, 1), device=dev,
+                         finetune=ft)
     shutil.rmtree(partial, ignore_errors=True)
     print(f"\nwrote {out}: {os.path.getsize(out) / 2 ** 20:.1f} MiB, {bpw:.3f} bits per packed weight "
           f"({numel / 1e6:.1f}M weights)", file=sys.stderr)
@@ -328,6 +341,123 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
 
 
 # -----------------------------------------------------------------------------
+# the end-to-end pass: scales and transforms against the unquantized model's next-token distribution
+
+FINETUNE_TOKENS = 1024      # tokens per step: the calibration samples are cut into chunks of this many
+
+
+class ScaledCodes(nn.Module):
+    """A QuantLinear whose group scales learn, s = s0 exp(u), with its integer codes and zeros frozen: the file
+    format stays what it was (new fp16 scales)."""
+
+    def __init__(self, ql):
+        super().__init__()
+        if ql.pre is not None:
+            raise ValueError("the end-to-end pass runs before fuse_transforms")
+        self.ql = ql
+        self.register_buffer("q", bq.unpack(ql.qweight, ql.bits, (ql.out_features, ql.in_features)))
+        self.u = nn.Parameter(torch.zeros(ql.scales.shape, device=ql.scales.device))
+
+    def scale(self):
+        return self.ql.scales.float() * self.u.exp()
+
+    def forward(self, x):   # (..., in) -> (..., out)
+        return bq.codes_linear(x, self.q, self.scale(), self.ql.zeros.float(), self.ql.group)
+
+
+def finetune(model, ref, samples, steps, lr, seed, device):
+    """With every integer code frozen, learn every group's scale and every learned transform's angles and K x K
+    factor by Adam on KL(ref || model) of the next-token distribution over the calibration tokens (SpinQuant and
+    OSTQuant learn rotations end to end; EfficientQAT's last phase learns the scales). Fixed (dense) transforms
+    stay fixed. The quantized modules of `model` are updated in place; a NaN stops with nothing changed.
+    Returns the mean KL of the first and of the last tenth of the steps, and the seconds it took."""
+    t0 = time.time()
+    model.to(device)
+    ref.to(device).eval()
+    for p in list(model.parameters()) + list(ref.parameters()):
+        p.requires_grad_(False)
+    swaps = []      # (name, trainable, original)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, llama.QuantLinear):
+            swaps.append((name, ScaledCodes(mod), mod))
+        elif isinstance(mod, llama.OnlineTransform) and not mod.dense:
+            swaps.append((name, bq.Transform.from_export(mod.entry, mod.theta, mod.Q if mod.K > 1 else None)
+                          .to(device), mod))
+    for name, new, _ in swaps:
+        llama.swap_module(model, name, new)
+    params = [p for _, new, _ in swaps for p in new.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    c = min(samples.shape[1], FINETUNE_TOKENS)
+    chunks = samples[:, : samples.shape[1] // c * c].reshape(-1, c)                 # (chunks, c)
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
+    kls = []
+    try:
+        for step in range(steps):
+            x = chunks[order[step % len(chunks)]][None].to(device)                    # (1, c)
+            with torch.no_grad():
+                lp_ref = F.log_softmax(ref(x)[0].float(), -1)                         # (c, vocab)
+            loss = bq.kl_divergence(lp_ref, F.log_softmax(model(x)[0].float(), -1)).mean()
+            if not torch.isfinite(loss):
+                raise bq.LearningError(f"end-to-end pass: non-finite KL at step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            kls.append(loss.item())
+            evaluation.progress_line("end-to-end pass: step", step + 1, steps, t0, f"KL {loss.item():.4f}",
+                                     keep=False)
+        with torch.no_grad():
+            for _, new, old in swaps:
+                if isinstance(new, ScaledCodes):
+                    old.scales.copy_(new.scale().half())
+                else:
+                    _, theta, Q = new.export()
+                    old.theta.copy_(theta)
+                    if Q is not None:
+                        old.Q.copy_(Q)
+    finally:
+        for name, _, old in swaps:
+            llama.swap_module(model, name, old)
+    k = max(1, steps // 10)
+    res = dict(steps=steps, lr=lr, kl_first=round(sum(kls[:k]) / k, 5), kl_last=round(sum(kls[-k:]) / k, 5),
+               seconds=round(time.time() - t0, 1))
+    evaluation.say(f"end-to-end pass: {steps} steps, KL on the calibration chunks {res['kl_first']:.4f} (first "
+                   f"{k}) -> {res['kl_last']:.4f} (last {k}), {evaluation.fmt_time(res['seconds'])}")
+    model.cpu()
+    ref.cpu()
+    return res
+
+
+def finetune_file(cc, src, out):
+    """The end-to-end pass on a finished calibrate.py file `src` (read, never written) -> `out`, on the same
+    calibration tokens the file was made with. Returns the summary dict that calibrate() returns."""
+    header, _ = llama.read_safetensors(src)
+    sett = header.get("settings")
+    if not isinstance(sett, dict) or "ckpt_fingerprint" not in sett:
+        raise UserError(f"{src}: no calibration settings in its header (not a calibrate.py file)")
+    if sett.get("finetune"):
+        raise UserError(f"{src} already had an end-to-end pass ({sett['finetune']} steps)")
+    fp, tok = llama.load(cc.ckpt)
+    if fingerprint(fp) != sett["ckpt_fingerprint"]:
+        raise UserError(f"{src} was calibrated from other weights than --ckpt {cc.ckpt}")
+    made = replace(cc, **{k: sett[k] for k in ("calib", "nsamples", "seqlen", "seed")})
+    samples, _ = calibration_samples(made, fp, tok)
+    model, _ = llama.load_quantized(src)
+    try:
+        ft = finetune(model, fp, samples, cc.finetune, cc.finetune_lr, made.seed, cc.device)
+    except bq.LearningError as e:
+        raise UserError(f"{e}: lower --finetune_lr") from None
+    info = {k: v for k, v in header.items() if k not in ("format", "config", "tokenizer", "quant", "transforms")}
+    info.update(settings=dict(sett, finetune=cc.finetune, finetune_lr=cc.finetune_lr), finetune=ft,
+                calibration_seconds=round(header.get("calibration_seconds", 0.0) + ft["seconds"], 1))
+    llama.save_quantized(out, model, tok, header["quant"], **info)
+    print(f"wrote {out}", file=sys.stderr)
+    return dict(out=out, bits_per_weight=header.get("bits_per_weight"),
+                calibration_seconds=info["calibration_seconds"], finetune=ft, settings=info["settings"])
+
+
+# -----------------------------------------------------------------------------
 # the results grid, as data: cells (bits, group, final quantizer) x rows (rotation and objective) x seeds
 
 SWEEP_CELLS = [(2, 64, "gptq"), (3, 128, "gptq"), (2, 64, "rtn"), (3, 128, "rtn")]
@@ -335,9 +465,14 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("random", dict(rotation="random")), ("butterfly-layer", dict(rotation="butterfly")),
               ("butterfly-gptq", dict(rotation="butterfly", objective="gptq")),
               ("butterfly-block", dict(rotation="butterfly", objective="block")),
-              ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True))]
+              ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True)),
+              ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
+              ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq"))]
 SWEEP_SEEDS = (0, 1, 2)
-SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(bits=b, group=g, gptq=q == "gptq", seed=seed, **row))
+SWEEP_FINETUNE = 80         # end-to-end steps of the -e2e rows (80 x 1024 tokens: 1.25 passes over 32 x 2048)
+SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "gptq", seed=seed,
+                                                **({"base": f"w{b}g{g}-{q}-{row['base']}-s{seed}"} if "base" in row
+                                                   else {})))
          for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in SWEEP_SEEDS]
 
 
@@ -374,8 +509,14 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
         else:
             qrow = replace(qc, bits=row["bits"], group=row["group"], gptq=row["gptq"])
             lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False))
-            res = calibrate(replace(cc, rotation=row["rotation"], seed=row["seed"]), qrow, lrow,
-                            os.path.join("out", f"sweep-{tag}.safetensors"))
+            crow, out = replace(cc, rotation=row["rotation"], seed=row["seed"]), f"out/sweep-{tag}.safetensors"
+            if "base" in row:       # the end-to-end pass on the base row's file (calibrated first if missing)
+                src = f"out/sweep-{row['base']}.safetensors"
+                if not os.path.isfile(src):
+                    calibrate(crow, qrow, lrow, src)
+                res = finetune_file(replace(crow, finetune=SWEEP_FINETUNE), src, out)
+            else:
+                res = calibrate(crow, qrow, lrow, out)
             model = llama.load(res["out"])[0].to(cc.device)
             r.update(bits_per_weight=res["bits_per_weight"], calibration_seconds=res["calibration_seconds"])
             for name, ids in data.items():
@@ -462,6 +603,14 @@ def parse_args(argv=None):
                    help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd, gptq and block adam)")
     p.add_argument("--lambda_unif", type=float, default=0.0, help="weight of the uniformity regulariser")
     p.add_argument("--unif_tokens", type=int, default=256, help="tokens per site kept for the regulariser")
+    p.add_argument("--finetune", type=int, default=0,
+                   help="steps of the end-to-end pass after the last block: every group scale and learned transform "
+                        "by Adam on KL(unquantized || quantized) over the calibration tokens, %d per step (0: none)"
+                        % FINETUNE_TOKENS)
+    p.add_argument("--finetune_lr", type=float, default=2e-3, help="the end-to-end pass's learning rate")
+    p.add_argument("--finetune_from", default=None,
+                   help="run only the end-to-end pass, on this calibrate.py file of --ckpt (read, never written), "
+                        "on the calibration tokens it was made with; writes --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=4, help="calibration samples per forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -480,10 +629,13 @@ def parse_args(argv=None):
     data_free_cpu = not on_gpu and a.calib is None and evaluation.find_dataset("wikitext2", "calib") is None
     nsamples = a.nsamples if a.nsamples is not None else (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
     seqlen = a.seqlen if a.seqlen is not None else (DATA_FREE_CPU[1] if data_free_cpu else 2048)
-    cc = CalibConfig(a.ckpt, a.rotation, a.calib, nsamples, seqlen, a.seed, a.unif_tokens, a.batch_size, a.device)
+    cc = CalibConfig(a.ckpt, a.rotation, a.calib, nsamples, seqlen, a.seed, a.unif_tokens, a.batch_size, a.device,
+                     a.finetune, a.finetune_lr)
     for name in ("nsamples", "seqlen", "batch_size", "unif_tokens"):
         if getattr(cc, name) < 1:
             raise UserError(f"--{name} must be positive")
+    if cc.finetune < 0 or not 0 < cc.finetune_lr < 1 or (a.finetune_from and cc.finetune < 1):
+        raise UserError("--finetune must be >= 0 (>= 1 with --finetune_from) and --finetune_lr in (0, 1)")
     if not 0 <= cc.seed < 2 ** 32 or (a.eval_limit is not None and a.eval_limit < 1):
         raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
     llama.check_device(cc.device)
@@ -493,13 +645,18 @@ def parse_args(argv=None):
                             a.block_batch, a.block_tokens, a.lwc, refresh=a.refresh)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if a.finetune_from is not None:
+        if not os.path.isfile(a.finetune_from):
+            raise UserError(f"--finetune_from {a.finetune_from}: no such file")
+        a.out = a.out or a.finetune_from.removesuffix(".safetensors") + f"-e2e{cc.finetune}.safetensors"
     if a.out is None:
         tag = cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
             "" if lc.objective == "layer" else f"-{lc.objective}")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
-                                    f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}.safetensors")
-    inputs = [cc.ckpt, cc.calib, os.path.join(SHARED_DATA, "wikitext103_valid.txt")] + (a.eval_data or [])
+                                    f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"
+                                    f"{'-e2e' + str(cc.finetune) if cc.finetune else ''}.safetensors")
+    inputs = [a.finetune_from, cc.ckpt, cc.calib, os.path.join(SHARED_DATA, "wikitext103_valid.txt")] + (a.eval_data or [])
     llama.check_output(a.out, inputs, suffix=".safetensors")
     if os.path.isfile(a.out):
         try:
@@ -511,7 +668,8 @@ def parse_args(argv=None):
     eval_limit = a.eval_limit if a.eval_limit is not None else (None if on_gpu else 16)
     opts = dict(out=a.out, eval_data=a.eval_data, eval_limit=eval_limit or None, no_eval=a.no_eval, quiet=a.quiet,
                 eval_seqlen=a.seqlen or 2048, report=REPORT_GPU if on_gpu else REPORT_CPU,
-                sweep=a.sweep, sweep_only=[t for t in (a.sweep_only or "").split(",") if t])
+                sweep=a.sweep, sweep_only=[t for t in (a.sweep_only or "").split(",") if t],
+                finetune_from=a.finetune_from)
     return cc, qc, lc, opts
 
 
@@ -533,7 +691,10 @@ def main(argv=None):
             if o["eval_data"] is not None else [found] if found else [])
     for path, _ in data:
         evaluation.read_corpus(path)        # fail now, not after calibrating
-    res = calibrate(cc, qc, lc, o["out"], [path for path, _ in data])
+    if o["finetune_from"]:
+        res = finetune_file(cc, o["finetune_from"], o["out"])
+    else:
+        res = calibrate(cc, qc, lc, o["out"], [path for path, _ in data])
     if o["no_eval"] or (o["eval_data"] is not None and not data):
         print(json.dumps(res))
         return res

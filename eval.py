@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # as in calibrate.py: sl
 import torch
 import torch.nn.functional as F
 
+import butterflyquant as bq
 import llama
 from llama import UserError
 
@@ -197,7 +198,7 @@ def compare(ref, model, ids, seqlen=2048, limit=None, progress=False):
         lm = F.log_softmax(model(x[None].to(dev_m))[0, :-1].float(), -1).cpu()
         if not (torch.isfinite(lr).all() and torch.isfinite(lm).all()):
             raise UserError("a model produced non-finite logits (NaN/inf)")
-        kl.append((lr.exp() * (lr - lm)).sum(-1).clamp_min(0).double())
+        kl.append(bq.kl_divergence(lr, lm).clamp_min(0).double())
         agree.append((lr.argmax(-1) == lm.argmax(-1)).double())
         y = x[1:, None]
         nll_r.append(-lr.gather(-1, y)[:, 0].double())

@@ -725,6 +725,46 @@ def test_block_objective_calibration_of_stories260k_lowers_the_block_loss(tmp_pa
     assert header["settings"]["learn"]["objective"] == "block" and torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 
+def test_scales_of_frozen_codes_get_finite_difference_gradients():
+    """codes_linear rebuilds W in its backward pass; its gradients for x and the scales must be autograd's of the
+    dense product, including a short last group (n = 100, group 64) and one group per row."""
+    g = torch.Generator().manual_seed(0)
+    for n, group in ((100, 64), (40, 0)):
+        G = bq.ngroups(n, group)
+        x = torch.randn(3, 5, n, dtype=torch.float64, generator=g, requires_grad=True)
+        q = torch.randint(0, 4, (7, n), dtype=torch.uint8, generator=g)
+        s = (torch.rand(7, G, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+        z = torch.randint(0, 4, (7, G), generator=g).double()
+        assert torch.autograd.gradcheck(lambda x, s: bq.codes_linear(x, q, s, z, group), (x, s))
+        dense = x @ (bq.expand_groups(s, n, group) * (q.double() - bq.expand_groups(z, n, group))).T
+        assert torch.allclose(bq.codes_linear(x, q, s, z, group), dense)
+
+
+@needs_shared
+def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tmp_path):
+    """--finetune_from on a calibrated stories260K: the integer codes and zeros stay, the scales move, every learned
+    K x K factor stays orthogonal, the input file is untouched, and KL(fp || quantized) falls on held-out text."""
+    src, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
+    calibrate.main(argv)
+    before = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    out = str(tmp_path / "ft.safetensors")
+    calibrate.main(["--ckpt", STORIES, "--finetune_from", src, "--finetune", "16", "--finetune_lr", "0.01",
+                    "--out", out, "--no_eval"])
+    assert hashlib.sha256(open(src, "rb").read()).hexdigest() == before
+    a, b = llama.read_safetensors(src)[1], llama.read_safetensors(out)[1]
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith((".qweight", ".zeros")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scales"))
+    for k in b:
+        if k.endswith(".Q"):
+            assert torch.allclose(b[k] @ b[k].T, torch.eye(b[k].shape[0]), atol=1e-5), k
+    header = llama.read_safetensors(out)[0]
+    assert header["settings"]["finetune"] == 16 and header["finetune"]["kl_last"] < header["finetune"]["kl_first"]
+    fp, tok = llama.load(STORIES)
+    ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
+    kl = [ev.compare(fp, llama.load(p)[0], ids, seqlen=128, limit=4)["kl"] for p in (src, out)]
+    assert kl[1] < 0.9 * kl[0], kl
+
+
 def test_kl_is_zero_against_itself_and_matches_a_float64_reference():
     args = tiny_args()
     a, b = llama.Transformer(args), llama.Transformer(args)
@@ -752,7 +792,10 @@ def test_sweep_only_selects_full_row_names_exactly():
     tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]            # noqa: E731
     assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
-    assert len(tags([])) == 1 + 4 * 7 * 3 and len(set(tags([]))) == len(tags([]))
+    assert len(tags([])) == 1 + 4 * 9 * 3 and len(set(tags([]))) == len(tags([]))
+    e2e = dict(calibrate.sweep_rows(["w2g64-gptq-hadamard-e2e-s1"]))
+    assert list(e2e) == ["fp", "w2g64-gptq-hadamard-e2e-s1"] and e2e["w2g64-gptq-hadamard-e2e-s1"]["base"] == \
+        "w2g64-gptq-hadamard-s1"        # the end-to-end row starts from its base row's file, same seed
     a = dict(calibrate.sweep_rows(["w3g128-rtn-butterfly-block-lwc-s2"]))["w3g128-rtn-butterfly-block-lwc-s2"]
     assert (a["bits"], a["group"], a["gptq"], a["rotation"], a["objective"], a["lwc"], a["seed"]) == \
         (3, 128, False, "butterfly", "block", True, 2)
@@ -1593,6 +1636,16 @@ BAD_INPUTS = {
     "cal partial block without a transform": ("transforms", lambda c, q: partial_block_edit(
         c, lambda p: edit_bq_header(p, lambda m: m["transforms"].pop("feed_forward.rot_up")))),
     "cal resume after the checkpoint's contents changed": ("checkpoint contents", lambda c, q: changed_ckpt_resume(c)),
+    "cal finetune_lr nan": ("finetune_lr", lambda c, q: cal(c, None, "--finetune", "2", "--finetune_lr", "nan")),
+    "cal finetune_from missing": ("no such file", lambda c, q: cal(
+        c, None, "--finetune", "2", "--finetune_from", c.p("nope.safetensors"))),
+    "cal finetune_from is the out": ("overwrite the input", lambda c, q: cal(
+        c, None, "--finetune", "2", "--finetune_from", c.quantized(q))),
+    "cal finetune_from of other weights": ("other weights", lambda c, q: cal(
+        c, c.tiny(), "--finetune", "2", "--finetune_from", c.quantized(q), "--out", c.p("q2.safetensors"))),
+    "cal finetune_from a plain safetensors": ("not a ButterflyQuant file", lambda c, q: (save_file(
+        {"x": torch.ones(2)}, c.p("plain.safetensors")), cal(c, None, "--finetune", "2", "--finetune_from",
+                                                             c.p("plain.safetensors"), "--out", c.p("q2.safetensors")))[1]),
 }
 
 
