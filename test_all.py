@@ -758,7 +758,7 @@ def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tm
         if k.endswith(".Q"):
             assert torch.allclose(b[k] @ b[k].T, torch.eye(b[k].shape[0]), atol=1e-5), k
     header = llama.read_safetensors(out)[0]
-    assert header["settings"]["finetune"] == 16 and header["finetune"]["kl_last"] < header["finetune"]["kl_first"]
+    assert header["settings"]["finetune"] == 16 and header["finetune"]["kl_after"] < header["finetune"]["kl_before"]
     fp, tok = llama.load(STORIES)
     ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
     kl = [ev.compare(fp, llama.load(p)[0], ids, seqlen=128, limit=4)["kl"] for p in (src, out)]
