@@ -251,11 +251,14 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
         evaluation.windows(evaluation.tokenize_corpus(tok, path), cc.seqlen)
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
     partial = out + ".partial"
+    if cc.finetune and cc.finetune_lr is None:
+        cc = replace(cc, finetune_lr=finetune_lr(qc.bits))
     sett = dict(settings(cc, qc, lc), ckpt_fingerprint=fingerprint(model))
     if os.path.isdir(partial):
         sj = os.path.join(partial, "settings.json")
         old = llama.read_json(sj) if os.path.isfile(sj) else None
-        if old != sett:
+        blocks_only = lambda d: {k: v for k, v in d.items() if k not in ("finetune", "finetune_lr")}  # noqa: E731
+        if not isinstance(old, dict) or blocks_only(old) != blocks_only(sett):    # the pass runs after the blocks
             changed = old is not None and {k: v for k, v in old.items() if k != "ckpt_fingerprint"} == \
                 {k: v for k, v in sett.items() if k != "ckpt_fingerprint"}
             raise UserError(f"{partial} holds a run " + ("of other checkpoint contents (the weights at --ckpt "
@@ -347,8 +350,8 @@ FINETUNE_TOKENS = 1024      # tokens per step: the calibration samples are cut i
 
 
 def finetune_lr(bits):
-    """Adam moves every scale by about lr per step whatever its gradient: at 2 bits 2e-3 (SmolLM2 W2 g64: ppl
-    halved); at 3 bits that much noise undid GPTQ's work (data-free W3 g128: 2e-3 made KL 27% worse, 2e-4 9% better)."""
+    """Adam moves every scale by about lr per step whatever its gradient; the finer the grid, the less it takes
+    to undo what GPTQ chose (README: W2 2e-3, W3 2e-4)."""
     return 2e-3 if bits <= 2 else 2e-4
 
 
@@ -371,6 +374,18 @@ class ScaledCodes(nn.Module):
         return bq.codes_linear(x, self.q, self.scale(), self.ql.zeros.float(), self.ql.group)
 
 
+class Checkpointed(nn.Module):
+    """A block whose activations are recomputed in the backward pass: on a GPU a 7B model's 32 blocks would
+    otherwise keep ~1 GB each per 1024 tokens."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
+
+
 def finetune(model, ref, samples, steps, lr, seed, device):
     """With every integer code frozen, learn every group's scale and every learned transform's angles and K x K
     factor by Adam on KL(ref || model) of the next-token distribution over the calibration tokens (SpinQuant and
@@ -378,22 +393,12 @@ def finetune(model, ref, samples, steps, lr, seed, device):
     stay fixed. The quantized modules of `model` are updated in place; a NaN stops with nothing changed.
     Returns the mean KL on the first four chunks it learns on, before and after, and the seconds it took."""
     t0 = time.time()
+    for m in (model.tok_embeddings, model.norm, model.output):      # the blocks already compute in fp32
+        m.float()
     model.to(device)
     ref.to(device).eval()
     for p in list(model.parameters()) + list(ref.parameters()):
         p.requires_grad_(False)
-    swaps = []      # (name, trainable, original)
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, llama.QuantLinear):
-            swaps.append((name, ScaledCodes(mod), mod))
-        elif isinstance(mod, llama.OnlineTransform) and not mod.dense:
-            swaps.append((name, bq.Transform.from_export(mod.entry, mod.theta, mod.Q if mod.K > 1 else None)
-                          .to(device), mod))
-    for name, new, _ in swaps:
-        llama.swap_module(model, name, new)
-    params = [p for _, new, _ in swaps for p in new.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     c = min(samples.shape[1], FINETUNE_TOKENS)
     chunks = samples[:, : samples.shape[1] // c * c].reshape(-1, c)                 # (chunks, c)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
@@ -406,7 +411,23 @@ def finetune(model, ref, samples, steps, lr, seed, device):
                    for i in range(len(x))) / len(x)
 
     kl_before = probe()
+    swaps = []      # (name, trainable, original): QuantLinear -> ScaledCodes, learned OnlineTransform -> Transform
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, llama.QuantLinear):
+            swaps.append((name, ScaledCodes(mod), mod))
+        elif isinstance(mod, llama.OnlineTransform) and not mod.dense:
+            swaps.append((name, bq.Transform.from_export(mod.entry, mod.theta, mod.Q if mod.K > 1 else None)
+                          .to(device), mod))
+    on_gpu = str(device).startswith("cuda")
     try:
+        for name, new, _ in swaps:
+            llama.swap_module(model, name, new)
+        if on_gpu:
+            for l, block in enumerate(model.layers):
+                llama.swap_module(model, f"layers.{l}", Checkpointed(block))
+        params = [p for _, new, _ in swaps for p in new.parameters()]
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for step in range(steps):
             x = chunks[order[step % len(chunks)]][None].to(device)                    # (1, c)
             with torch.no_grad():
@@ -421,19 +442,27 @@ def finetune(model, ref, samples, steps, lr, seed, device):
             evaluation.progress_line("end-to-end pass: step", step + 1, steps, t0, f"KL {loss.item():.4f}",
                                      keep=False)
         with torch.no_grad():
-            for _, new, old in swaps:
+            new_values = [new.scale().half() if isinstance(new, ScaledCodes) else new.export()[1:]
+                          for _, new, _ in swaps]
+            if not all(torch.isfinite(t).all() for v in new_values for t in (v if isinstance(v, tuple) else (v,))
+                       if t is not None):
+                raise bq.LearningError("end-to-end pass: a scale or angle became non-finite (or beyond fp16)")
+            for (_, new, old), v in zip(swaps, new_values):
                 if isinstance(new, ScaledCodes):
-                    old.scales.copy_(new.scale().half())
+                    old.scales.copy_(v)
                 else:
-                    _, theta, Q = new.export()
-                    old.theta.copy_(theta)
-                    if Q is not None:
-                        old.Q.copy_(Q)
+                    old.theta.copy_(v[0])
+                    if v[1] is not None:
+                        old.Q.copy_(v[1])
     finally:
+        if on_gpu:
+            for l, block in enumerate(model.layers):
+                if isinstance(block, Checkpointed):
+                    llama.swap_module(model, f"layers.{l}", block.block)
         for name, _, old in swaps:
             llama.swap_module(model, name, old)
     res = dict(steps=steps, lr=lr, kl_before=round(kl_before, 5), kl_after=round(probe(), 5),
-               seconds=round(time.time() - t0, 1))
+               seconds=round(time.time() - t0, 1), device=str(device))
     evaluation.say(f"end-to-end pass: {steps} steps, KL on 4 of its chunks {res['kl_before']:.4f} -> "
                    f"{res['kl_after']:.4f}, {evaluation.fmt_time(res['seconds'])}")
     model.cpu()
@@ -444,20 +473,27 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 def finetune_file(cc, src, out):
     """The end-to-end pass on a finished calibrate.py file `src` (read, never written) -> `out`, on the same
     calibration tokens the file was made with. Returns the summary dict that calibrate() returns."""
-    header, _ = llama.read_safetensors(src)
-    sett = header.get("settings")
-    if not isinstance(sett, dict) or "ckpt_fingerprint" not in sett:
-        raise UserError(f"{src}: no calibration settings in its header (not a calibrate.py file)")
+    header = llama.read_safetensors(src, tensors=False)[0]
+    try:
+        sett, bits = header["settings"], int(header["quant"]["bits"])
+        made = replace(cc, **{k: sett[k] for k in ("calib", "nsamples", "seqlen", "seed")})
+        fingerprint_made, source_made = sett["ckpt_fingerprint"], header["calib_source"]
+        if not (isinstance(made.nsamples, int) and isinstance(made.seqlen, int) and isinstance(made.seed, int)):
+            raise TypeError("nsamples, seqlen and seed must be integers")
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{src}: its header lacks the calibration settings ({type(e).__name__}: {e}); "
+                        f"not a calibrate.py file of this version") from None
     if sett.get("finetune"):
         raise UserError(f"{src} already had an end-to-end pass ({sett['finetune']} steps)")
-    fp, tok = llama.load(cc.ckpt)
-    if fingerprint(fp) != sett["ckpt_fingerprint"]:
+    fp = llama.load(cc.ckpt)[0]
+    if fingerprint(fp) != fingerprint_made:
         raise UserError(f"{src} was calibrated from other weights than --ckpt {cc.ckpt}")
-    made = replace(cc, **{k: sett[k] for k in ("calib", "nsamples", "seqlen", "seed")})
-    samples, _ = calibration_samples(made, fp, tok)
-    model, _ = llama.load_quantized(src)
+    model, tok = llama.load_quantized(src)
+    samples, source = calibration_samples(made, fp, tok)
+    if source != source_made:
+        raise UserError(f"{src} was calibrated on {source_made}; here the same settings find {source}")
+    lr = cc.finetune_lr or finetune_lr(bits)
     try:
-        lr = cc.finetune_lr or finetune_lr(header["quant"]["bits"])
         ft = finetune(model, fp, samples, cc.finetune, lr, made.seed, cc.device)
     except bq.LearningError as e:
         raise UserError(f"{e}: lower --finetune_lr") from None
@@ -482,7 +518,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
               ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq"))]
 SWEEP_SEEDS = (0, 1, 2)
-SWEEP_FINETUNE = 80         # end-to-end steps of the -e2e rows (80 x 1024 tokens: 1.25 passes over 32 x 2048)
+SWEEP_FINETUNE = 80         # end-to-end steps of the -e2e rows, 1024 tokens each
 SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "gptq", seed=seed,
                                                 **({"base": f"w{b}g{g}-{q}-{row['base']}-s{seed}"} if "base" in row
                                                    else {})))
@@ -527,7 +563,9 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
                 src = f"out/sweep-{row['base']}.safetensors"
                 if not os.path.isfile(src):
                     calibrate(crow, qrow, lrow, src)
+                fp.cpu()        # finetune_file holds its own reference model
                 res = finetune_file(replace(crow, finetune=SWEEP_FINETUNE), src, out)
+                fp.to(cc.device)
             else:
                 res = calibrate(crow, qrow, lrow, out)
             model = llama.load(res["out"])[0].to(cc.device)
@@ -660,9 +698,14 @@ def parse_args(argv=None):
                             a.block_batch, a.block_tokens, a.lwc, refresh=a.refresh)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if a.sweep and (a.finetune or a.finetune_from):
+        raise UserError("--sweep runs its own end-to-end rows (-e2e); drop --finetune and --finetune_from")
     if a.finetune_from is not None:
         if not os.path.isfile(a.finetune_from):
             raise UserError(f"--finetune_from {a.finetune_from}: no such file")
+        given = [f"--{k}" for k in ("calib", "nsamples", "seqlen") if getattr(a, k) is not None]
+        if given:
+            raise UserError(f"--finetune_from uses the calibration tokens its file was made with: drop {', '.join(given)}")
         a.out = a.out or a.finetune_from.removesuffix(".safetensors") + f"-e2e{cc.finetune}.safetensors"
     if a.out is None:
         tag = cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (

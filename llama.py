@@ -821,8 +821,8 @@ def write_safetensors(path, tensors, header):
             os.remove(tmp)
 
 
-def read_safetensors(path):
-    """(header, tensors) of a file that write_safetensors wrote."""
+def read_safetensors(path, tensors=True):
+    """(header, tensors) of a file that write_safetensors wrote (tensors=False: (header, None))."""
     from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
@@ -831,7 +831,7 @@ def read_safetensors(path):
                 raise UserError(f"{path}: not a ButterflyQuant file (no 'butterflyquant' header); "
                                 f"Hugging Face checkpoints are directories")
             header = json.loads(meta["butterflyquant"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
     except UserError:
         raise
     except Exception as e:

@@ -765,6 +765,22 @@ def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tm
     assert kl[1] < 0.9 * kl[0], kl
 
 
+@needs_shared
+def test_calibration_with_the_end_to_end_pass_on_a_bf16_checkpoint(tmp_path, monkeypatch):
+    """--finetune inside calibrate(): the blocks were made fp32, the embeddings and head stay bf16 until the pass."""
+    real = llama.load
+
+    def load_bf16(ckpt):
+        model, tok = real(ckpt)
+        return (model if str(ckpt).endswith(".safetensors") else model.to(torch.bfloat16)), tok
+    monkeypatch.setattr(llama, "load", load_bf16)
+    out, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly", "--finetune", "4")
+    calibrate.main(argv)
+    header = llama.read_safetensors(out, tensors=False)[0]
+    assert header["finetune"]["steps"] == 4 and header["settings"]["finetune_lr"] == calibrate.finetune_lr(2)
+    assert torch.isfinite(real(out)[0](torch.tensor([[1, 2, 3]]))).all()
+
+
 def test_kl_is_zero_against_itself_and_matches_a_float64_reference():
     args = tiny_args()
     a, b = llama.Transformer(args), llama.Transformer(args)
@@ -1483,6 +1499,12 @@ def partial_block_edit(c, fn):
     return argv
 
 
+def ft(c, src, *extra, ckpt=None):
+    """calibrate.py --finetune_from src (the end-to-end pass alone) into the case folder."""
+    return ["calibrate.py", "--ckpt", ckpt or c.stories(), "--finetune", "2", "--finetune_from", src, "--no_eval",
+            "--device", "cpu", "--out", c.p("q2.safetensors"), *extra]
+
+
 def changed_ckpt_resume(c):
     ckpt = c.tiny()
     argv = c.stopped_run(ckpt)
@@ -1637,15 +1659,13 @@ BAD_INPUTS = {
         c, lambda p: edit_bq_header(p, lambda m: m["transforms"].pop("feed_forward.rot_up")))),
     "cal resume after the checkpoint's contents changed": ("checkpoint contents", lambda c, q: changed_ckpt_resume(c)),
     "cal finetune_lr nan": ("finetune_lr", lambda c, q: cal(c, None, "--finetune", "2", "--finetune_lr", "nan")),
-    "cal finetune_from missing": ("no such file", lambda c, q: cal(
-        c, None, "--finetune", "2", "--finetune_from", c.p("nope.safetensors"))),
-    "cal finetune_from is the out": ("overwrite the input", lambda c, q: cal(
-        c, None, "--finetune", "2", "--finetune_from", c.quantized(q))),
-    "cal finetune_from of other weights": ("other weights", lambda c, q: cal(
-        c, c.tiny(), "--finetune", "2", "--finetune_from", c.quantized(q), "--out", c.p("q2.safetensors"))),
-    "cal finetune_from a plain safetensors": ("not a ButterflyQuant file", lambda c, q: (save_file(
-        {"x": torch.ones(2)}, c.p("plain.safetensors")), cal(c, None, "--finetune", "2", "--finetune_from",
-                                                             c.p("plain.safetensors"), "--out", c.p("q2.safetensors")))[1]),
+    "cal finetune_from missing": ("no such file", lambda c, q: ft(c, c.p("nope.safetensors"))),
+    "cal finetune_from is the out": ("overwrite the input", lambda c, q: ft(c, c.quantized(q), "--out", c.p("q.safetensors"))),
+    "cal finetune_from of other weights": ("other weights", lambda c, q: ft(c, c.quantized(q), ckpt=c.tiny())),
+    "cal finetune_from a plain safetensors": ("not a ButterflyQuant file", lambda c, q: ft(c, (save_file(
+        {"x": torch.ones(2)}, c.p("plain.safetensors")), c.p("plain.safetensors"))[1])),
+    "cal finetune_from with nsamples": ("drop --nsamples", lambda c, q: ft(c, c.quantized(q), "--nsamples", "3")),
+    "cal sweep with finetune": ("--sweep runs its own", lambda c, q: cal(c, None, "--sweep", "--finetune", "2")),
 }
 
 
