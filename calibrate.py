@@ -320,7 +320,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if cc.finetune:
         ref = llama.load(cc.ckpt)[0]
         try:
-            ft = finetune(model, ref, samples, cc.finetune, cc.finetune_lr or finetune_lr(qc.bits), cc.seed, dev)
+            ft = finetune(model, ref, samples, cc.finetune, cc.finetune_lr, cc.seed, dev)
         except bq.LearningError as e:
             raise UserError(f"{e}: lower --finetune_lr and rerun (the blocks in {partial} are kept)") from None
         del ref
@@ -403,12 +403,15 @@ def finetune(model, ref, samples, steps, lr, seed, device):
     chunks = samples[:, : samples.shape[1] // c * c].reshape(-1, c)                 # (chunks, c)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
 
+    def kl(i):              # mean KL(ref || model) over chunk i's tokens
+        x = chunks[i][None].to(device)                                                  # (1, c)
+        with torch.no_grad():
+            lp_ref = F.log_softmax(ref(x)[0].float(), -1)                               # (c, vocab)
+        return bq.kl_divergence(lp_ref, F.log_softmax(model(x)[0].float(), -1)).mean()
+
     @torch.no_grad()
     def probe():            # the same tokens before and after: the step losses are each on other tokens
-        x = chunks[order[:4]].to(device)                                                # (4, c)
-        return sum(bq.kl_divergence(F.log_softmax(ref(x[i:i + 1])[0].float(), -1),
-                                    F.log_softmax(model(x[i:i + 1])[0].float(), -1)).mean().item()
-                   for i in range(len(x))) / len(x)
+        return sum(kl(i).item() for i in order[:4]) / len(order[:4])
 
     kl_before = probe()
     swaps = []      # (name, trainable, original): QuantLinear -> ScaledCodes, learned OnlineTransform -> Transform
@@ -429,10 +432,7 @@ def finetune(model, ref, samples, steps, lr, seed, device):
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         for step in range(steps):
-            x = chunks[order[step % len(chunks)]][None].to(device)                    # (1, c)
-            with torch.no_grad():
-                lp_ref = F.log_softmax(ref(x)[0].float(), -1)                         # (c, vocab)
-            loss = bq.kl_divergence(lp_ref, F.log_softmax(model(x)[0].float(), -1)).mean()
+            loss = kl(order[step % len(chunks)])
             if not torch.isfinite(loss):
                 raise bq.LearningError(f"end-to-end pass: non-finite KL at step {step + 1}")
             opt.zero_grad(set_to_none=True)
@@ -442,18 +442,17 @@ def finetune(model, ref, samples, steps, lr, seed, device):
             evaluation.progress_line("end-to-end pass: step", step + 1, steps, t0, f"KL {loss.item():.4f}",
                                      keep=False)
         with torch.no_grad():
-            new_values = [new.scale().half() if isinstance(new, ScaledCodes) else new.export()[1:]
-                          for _, new, _ in swaps]
-            if not all(torch.isfinite(t).all() for v in new_values for t in (v if isinstance(v, tuple) else (v,))
-                       if t is not None):
-                raise bq.LearningError("end-to-end pass: a scale or angle became non-finite (or beyond fp16)")
-            for (_, new, old), v in zip(swaps, new_values):
+            writes = []     # (buffer, new value): all checked before any is written
+            for _, new, old in swaps:
                 if isinstance(new, ScaledCodes):
-                    old.scales.copy_(v)
+                    writes.append((old.scales, new.scale().half()))
                 else:
-                    old.theta.copy_(v[0])
-                    if v[1] is not None:
-                        old.Q.copy_(v[1])
+                    _, theta, Q = new.export()
+                    writes += [(old.theta, theta)] + ([(old.Q, Q)] if Q is not None else [])
+            if not all(torch.isfinite(v).all() for _, v in writes):
+                raise bq.LearningError("end-to-end pass: a scale or angle became non-finite (or beyond fp16)")
+            for buf, v in writes:
+                buf.copy_(v)
     finally:
         if on_gpu:
             for l, block in enumerate(model.layers):
