@@ -403,15 +403,16 @@ def uniformity_loss(z, bits, temperature=0.5):
 @dataclass
 class LearnConfig:
     init: Optional[str] = None    # identity | hadamard | rhadamard | random | best (the better of identity and
-                                  # hadamard); gptq: rhadamard, else best
-    steps: Optional[int] = None   # per site (layer: 30, gptq: 300) or per block (block: 20)
-    lr: Optional[float] = None    # layer: 0.5 with SGD; gptq: 0.02, block: 0.01 with Adam
+                                  # hadamard); gptq and kl: rhadamard, else best
+    steps: Optional[int] = None   # per site (layer: 30, gptq: 300), per block (block: 20) or model (kl: 80)
+    lr: Optional[float] = None    # layer: 0.5 with SGD; gptq: 0.02, block and kl: 0.01 with Adam
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
     checkpoints: int = 1      # times per site the iterate is scored with the final quantizer (the best is kept)
     optim: Optional[str] = None   # sgd (momentum 0.9) or adam, both cosine-decayed; layer: sgd, block: adam
     lambda_unif: float = 0.0  # weight of the uniformity regulariser
     objective: str = "layer"  # layer: each site alone (trace loss); gptq: each site alone (GPTQ's expected
-                              # loss); block: the four sites of a block jointly
+                              # loss); block: the four sites of a block jointly; kl: every site of the model
+                              # jointly on the next-token KL (calibrate.py: it needs the model)
     batch: int = 2            # block objective: sequences per step
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
     lwc: bool = False         # block objective: also learn per-group clip factors (used by RTN)
@@ -420,7 +421,7 @@ class LearnConfig:
 
     def __post_init__(self):
         defaults = dict(layer=("best", 30, 0.5, "sgd"), gptq=("rhadamard", 300, 0.02, "adam"),
-                        block=("best", 20, 0.01, "adam"))
+                        block=("best", 20, 0.01, "adam"), kl=("rhadamard", 80, 0.01, "adam"))
         if self.objective not in defaults:
             raise ValueError(f"unknown objective {self.objective!r}")
         init, steps, lr, optim = defaults[self.objective]
@@ -432,6 +433,9 @@ class LearnConfig:
             raise ValueError("batch must be >= 1, tokens >= 2, refresh >= 1 and clip_lr positive")
         if self.init not in ("identity", "hadamard", "rhadamard", "random", "best"):
             raise ValueError(f"unknown init {self.init!r}")
+        if self.objective == "kl" and (self.init == "best" or self.optim != "adam" or self.lwc):
+            raise ValueError("the kl objective starts every site from one --init (identity, hadamard, rhadamard or "
+                             "random; 'best' needs a layer loss), learns with adam and has no --lwc")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optim!r}")
         if self.steps < 0 or self.rows < 0 or self.checkpoints < 1:

@@ -12,9 +12,11 @@ For each block, in order:
   2. learn and quantize: T per site (butterflyquant.learn_transform), then Q(W T^T) with the final quantizer
      (GPTQ on T H T^T, or RTN with clip search); the block becomes its quantized self (llama.install_quantized_block);
   3. write: the block's tensors to OUT.partial/ (a killed run resumes there), and at the end the whole file.
+With --objective kl, every T is learned first, on the whole model's next-token KL, and step 2 only quantizes.
 The same code path runs the baselines (--rotation none / hadamard / random), so the comparison is fair.
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -159,8 +161,9 @@ def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
     return transforms, starts, gammas, (start, end)
 
 
-def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None):
+def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None, given=None):
     """Choose T and quantize Q(W T^T) at every site of one block, then install the quantized block.
+    given: {slot: Transform} learned beforehand (the kl objective), used as they are.
     Returns (the block's tensors, {slot: transform entry}, {site: relative layer loss before and after})."""
     tensors, entries, log, t0 = {}, {}, {}, time.time()
     learned, starts, gammas, block_loss = {}, {}, None, None
@@ -176,7 +179,10 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
         first = float("nan")
         if cc.rotation == "butterfly":
             try:
-                if slot in learned:     # kept only if the final quantizer's layer loss improved on the start's
+                if given and slot in given:     # chosen by the model's KL, not by this layer's loss
+                    T = given[slot]
+                    after, (q, s, z) = bq.score(W, H, T.matrix().detach(), qc, ((W @ H) * W).sum())
+                elif slot in learned:     # kept only if the final quantizer's layer loss improved on the start's
                     T, (first, start_qsz, start_state) = learned[slot], starts[slot]
                     M = T.matrix().detach()
                     base = ((W @ H) * W).sum()
@@ -232,6 +238,15 @@ def fingerprint(model):
     return h.hexdigest()
 
 
+def start_partial(partial, sett):
+    """OUT.partial/ with its settings.json, made when the first result worth keeping is ready."""
+    if not os.path.isfile(os.path.join(partial, "settings.json")):
+        os.makedirs(partial, exist_ok=True)
+        with open(os.path.join(partial, "settings.json.tmp"), "w") as f:
+            json.dump(sett, f)
+        os.replace(os.path.join(partial, "settings.json.tmp"), os.path.join(partial, "settings.json"))
+
+
 def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval_files=()):
     """Calibrate cc.ckpt and write `out`; returns a summary dict. Everything is checked before any work;
     OUT.partial/ appears with the first finished block and keeps the finished blocks."""
@@ -271,6 +286,9 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
           f"g{qc.group}{' sym' if qc.sym else ''} {'GPTQ' if qc.gptq else 'RTN'}{'+clip' if qc.clip else ''} | "
           f"rotation {cc.rotation}{'(' + lc.init + ')' if cc.rotation == 'butterfly' else ''} | "
           f"{cc.nsamples}x{cc.seqlen} tokens of {source} | {dev}", file=sys.stderr)
+    kl_learned, kl_log = {}, None
+    if cc.rotation == "butterfly" and lc.objective == "kl":
+        kl_learned, kl_log = kl_transforms(model, samples, cc, qc, lc, partial, sett)
     with torch.no_grad():
         X = model.tok_embeddings(samples).float()                       # (N, T, dim) on CPU
     cos, sin = model.rope(0, cc.seqlen, dev)
@@ -295,24 +313,21 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
             site_log.update({f"layers.{l}.{k}": v for k, v in header["log"].items()})
             continue
         Y, stats = run_block(block, X, cos, sin, cc, capture=True, label=f"block {l + 1}: collecting H")
-        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin)   # Y: the fp outputs
+        given = {slot: T for (i, slot), T in kl_learned.items() if i == l}
+        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin, given)  # Y: fp outputs
         del Y
         del stats
         block.to(dev)
         X, _ = run_block(block, X, cos, sin, cc, label=f"block {l + 1}: forward, quantized")   # the next inputs
         llama.check_finite(tensors, f"block {l} after quantization (fp16 scales overflow?)")
-        if not os.path.isfile(os.path.join(partial, "settings.json")):     # the first finished block
-            os.makedirs(partial, exist_ok=True)
-            with open(os.path.join(partial, "settings.json.tmp"), "w") as f:
-                json.dump(sett, f)
-            os.replace(os.path.join(partial, "settings.json.tmp"), os.path.join(partial, "settings.json"))
+        start_partial(partial, sett)
         llama.write_safetensors(bpath, tensors, dict(transforms=entries, log=log))
         block.cpu()
         site_log.update({f"layers.{l}.{k}": v for k, v in log.items()})
         done_now += 1
         eta = (time.time() - t_blocks) / done_now * (args.n_layers - l - 1)
         bar = "#" * round(20 * (l + 1) / args.n_layers)
-        sites = "  ".join(f"{k} {v['start']:.3f}->{v['final']:.3f}" if cc.rotation == "butterfly" else
+        sites = "  ".join(f"{k} {v['start']:.3f}->{v['final']:.3f}" if math.isfinite(v["start"]) else
                           f"{k} {v['final']:.3f}" for k, v in log.items())
         evaluation.say(f"block {l + 1:3d}/{args.n_layers} |{bar:<20}| {sites} | {time.time() - t0:5.1f}s "
                        f"eta {evaluation.fmt_time(eta)}")
@@ -333,7 +348,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     llama.save_quantized(out, model, tok, dict(bits=qc.bits, group=qc.group, sym=qc.sym), settings=sett,
                          calib_source=source, data_free=source.startswith("data-free"), log=site_log,
                          bits_per_weight=round(bpw, 4), calibration_seconds=round(t_cal, 1), device=dev,
-                         finetune=ft)
+                         finetune=ft, kl_objective=kl_log)
     shutil.rmtree(partial, ignore_errors=True)
     print(f"\nwrote {out}: {os.path.getsize(out) / 2 ** 20:.1f} MiB, {bpw:.3f} bits per packed weight "
           f"({numel / 1e6:.1f}M weights)", file=sys.stderr)
@@ -386,14 +401,12 @@ class Checkpointed(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
 
 
-def finetune(model, ref, samples, steps, lr, seed, device):
-    """With every integer code frozen, learn every group's scale and every learned transform's angles and K x K
-    factor by Adam on KL(ref || model) of the next-token distribution over the calibration tokens (SpinQuant and
-    OSTQuant learn rotations end to end; EfficientQAT's last phase learns the scales). Fixed (dense) transforms
-    stay fixed. The quantized modules of `model` are updated in place; a NaN stops with nothing changed.
-    Returns the mean KL on the first four chunks it learns on, before and after, and the seconds it took."""
-    t0 = time.time()
-    for m in (model.tok_embeddings, model.norm, model.output):      # the blocks already compute in fp32
+def kl_setup(model, ref, samples, seed, device):
+    """The calibration tokens cut into chunks of FINETUNE_TOKENS in a seeded order, kl(i): the mean
+    KL(ref || model) of the next-token distribution over chunk i's tokens, and probe(): kl on the first four
+    chunks of that order (the same tokens before and after learning; each step's loss is on other tokens).
+    Both models go to `device` frozen, model's embeddings and head in fp32 (its blocks already compute in fp32)."""
+    for m in (model.tok_embeddings, model.norm, model.output):
         m.float()
     model.to(device)
     ref.to(device).eval()
@@ -403,16 +416,60 @@ def finetune(model, ref, samples, steps, lr, seed, device):
     chunks = samples[:, : samples.shape[1] // c * c].reshape(-1, c)                 # (chunks, c)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
 
-    def kl(i):              # mean KL(ref || model) over chunk i's tokens
+    def kl(i):
         x = chunks[i][None].to(device)                                                  # (1, c)
         with torch.no_grad():
             lp_ref = F.log_softmax(ref(x)[0].float(), -1)                               # (c, vocab)
         return bq.kl_divergence(lp_ref, F.log_softmax(model(x)[0].float(), -1)).mean()
 
     @torch.no_grad()
-    def probe():            # the same tokens before and after: the step losses are each on other tokens
+    def probe():
         return sum(kl(i).item() for i in order[:4]) / len(order[:4])
+    return kl, order, probe
 
+
+def descend_kl(kl, order, params, steps, lr, label, t0):
+    """Adam, cosine-decayed, on kl(chunk), one chunk per step in `order` (cycled)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    for step in range(steps):
+        loss = kl(order[step % len(order)])
+        if not torch.isfinite(loss):
+            raise bq.LearningError(f"{label}: non-finite KL at step {step + 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        evaluation.progress_line(f"{label}: step", step + 1, steps, t0, f"KL {loss.item():.4f}", keep=False)
+
+
+@contextlib.contextmanager
+def swapped(model, swaps, checkpoint):
+    """`model` with every (name, new, original) swap made, and its blocks activation-checkpointed if `checkpoint`;
+    the originals are back in place on exit, whatever happened."""
+    try:
+        for name, new, _ in swaps:
+            llama.swap_module(model, name, new)
+        if checkpoint:
+            for l, block in enumerate(model.layers):
+                llama.swap_module(model, f"layers.{l}", Checkpointed(block))
+        yield
+    finally:
+        for l, block in enumerate(model.layers):
+            if isinstance(block, Checkpointed):
+                llama.swap_module(model, f"layers.{l}", block.block)
+        for name, _, old in swaps:
+            llama.swap_module(model, name, old)
+
+
+def finetune(model, ref, samples, steps, lr, seed, device):
+    """With every integer code frozen, learn every group's scale and every learned transform's angles and K x K
+    factor by Adam on KL(ref || model) of the next-token distribution over the calibration tokens (SpinQuant and
+    OSTQuant learn rotations end to end; EfficientQAT's last phase learns the scales). Fixed (dense) transforms
+    stay fixed. The quantized modules of `model` are updated in place; a NaN stops with nothing changed.
+    Returns the mean KL on the first four chunks it learns on, before and after, and the seconds it took."""
+    t0 = time.time()
+    kl, order, probe = kl_setup(model, ref, samples, seed, device)
     kl_before = probe()
     swaps = []      # (name, trainable, original): QuantLinear -> ScaledCodes, learned OnlineTransform -> Transform
     for name, mod in list(model.named_modules()):
@@ -421,26 +478,9 @@ def finetune(model, ref, samples, steps, lr, seed, device):
         elif isinstance(mod, llama.OnlineTransform) and not mod.dense:
             swaps.append((name, bq.Transform.from_export(mod.entry, mod.theta, mod.Q if mod.K > 1 else None)
                           .to(device), mod))
-    on_gpu = str(device).startswith("cuda")
-    try:
-        for name, new, _ in swaps:
-            llama.swap_module(model, name, new)
-        if on_gpu:
-            for l, block in enumerate(model.layers):
-                llama.swap_module(model, f"layers.{l}", Checkpointed(block))
+    with swapped(model, swaps, str(device).startswith("cuda")):
         params = [p for _, new, _ in swaps for p in new.parameters()]
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for step in range(steps):
-            loss = kl(order[step % len(chunks)])
-            if not torch.isfinite(loss):
-                raise bq.LearningError(f"end-to-end pass: non-finite KL at step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            evaluation.progress_line("end-to-end pass: step", step + 1, steps, t0, f"KL {loss.item():.4f}",
-                                     keep=False)
+        descend_kl(kl, order, params, steps, lr, "end-to-end pass", t0)
         with torch.no_grad():
             writes = []     # (buffer, new value): all checked before any is written
             for _, new, old in swaps:
@@ -453,13 +493,6 @@ def finetune(model, ref, samples, steps, lr, seed, device):
                 raise bq.LearningError("end-to-end pass: a scale or angle became non-finite (or beyond fp16)")
             for buf, v in writes:
                 buf.copy_(v)
-    finally:
-        if on_gpu:
-            for l, block in enumerate(model.layers):
-                if isinstance(block, Checkpointed):
-                    llama.swap_module(model, f"layers.{l}", block.block)
-        for name, _, old in swaps:
-            llama.swap_module(model, name, old)
     res = dict(steps=steps, lr=lr, kl_before=round(kl_before, 5), kl_after=round(probe(), 5),
                seconds=round(time.time() - t0, 1), device=str(device))
     evaluation.say(f"end-to-end pass: {steps} steps, KL on 4 of its chunks {res['kl_before']:.4f} -> "
@@ -467,6 +500,93 @@ def finetune(model, ref, samples, steps, lr, seed, device):
     model.cpu()
     ref.cpu()
     return res
+
+
+# -----------------------------------------------------------------------------
+# the kl objective: every transform at once, before any block is quantized, against the unquantized model
+#
+#   min_{T}  KL( p(. | fp model)  ||  p(. | model with every linear y = Q(W T_s^T) (T_s x)) ),  Q straight-through RTN
+#
+# SpinQuant learns its rotations this way (then quantizes with GPTQ), OSTQuant with KL as here. The transforms
+# are then fixed, and the block loop quantizes Q(W T^T) with the final quantizer (GPTQ on T H T^T, or RTN).
+
+class FakeQuantLinear(nn.Module):
+    """y = x Q(W T^T)^T, the rows of Q(W T^T) being Q(T w): the site's slot applies T to x online, so y = W x up
+    to Q's error, and gradients reach T through both."""
+
+    def __init__(self, weight, T, qc):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.T, self.qc = T, qc
+
+    def forward(self, x):   # (..., in) -> (..., out)
+        return F.linear(x, bq.fake_quant_ste(self.T(self.weight), self.qc))
+
+
+def learn_kl_transforms(model, ref, samples, cc, qc, lc):
+    """The kl objective on the unquantized `model` (left as it was): lc.steps Adam steps at lc.lr from lc.init,
+    each site seeded as the other objectives seed it. Never ends worse than its start on the probe chunks.
+    Returns ({(layer, slot): Transform}, dict(kl_before, kl_after, seconds))."""
+    t0, dev = time.time(), cc.device
+    kl, order, probe = kl_setup(model, ref, samples, cc.seed, dev)
+    transforms, swaps = {}, []      # swaps: (name, new, original)
+    for l, block in enumerate(model.layers):
+        block.float()
+        for s_i, (slot, linears) in enumerate(SITES):
+            n = block.get_submodule(linears[0]).in_features
+            T = bq.Transform(n, lc.init, torch.Generator().manual_seed(cc.seed * 1000003 + 4 * l + s_i)).to(dev)
+            transforms[(l, slot)] = T
+            swaps.append((f"layers.{l}.{slot}", T, block.get_submodule(slot)))
+            for name in linears:
+                lin = block.get_submodule(name)
+                swaps.append((f"layers.{l}.{name}", FakeQuantLinear(lin.weight.detach(), T, qc), lin))
+    params = [p for T in transforms.values() for p in T.parameters()]
+    with swapped(model, swaps, str(dev).startswith("cuda")):
+        before = probe()
+        start = [copy.deepcopy(T.state_dict()) for T in transforms.values()]
+        descend_kl(kl, order, params, lc.steps, lc.lr, "kl objective", t0)
+        after = probe()
+        if not after <= before:
+            for T, state in zip(transforms.values(), start):
+                T.load_state_dict(state)
+            after = before
+    model.cpu()
+    ref.cpu()
+    for T in transforms.values():
+        T.requires_grad_(False)
+    res = dict(kl_before=round(before, 5), kl_after=round(after, 5), seconds=round(time.time() - t0, 1))
+    evaluation.say(f"kl objective: {lc.steps} steps, KL of the straight-through RTN model on 4 chunks "
+                   f"{res['kl_before']:.4f} -> {res['kl_after']:.4f}, {evaluation.fmt_time(res['seconds'])}")
+    return transforms, res
+
+
+def kl_transforms(model, samples, cc, qc, lc, partial, sett):
+    """learn_kl_transforms, kept in OUT.partial/kl_transforms.safetensors: a resumed run reads them back."""
+    path = os.path.join(partial, "kl_transforms.safetensors")
+    if os.path.isfile(path):
+        header, tensors = llama.read_safetensors(path)
+        try:
+            llama.check_finite(tensors, path)
+            transforms = {(int(k.split(".")[1]), k.split(".", 2)[2]): bq.Transform.from_export(
+                e, tensors[f"{k}.theta"], tensors.get(f"{k}.Q")).to(cc.device) for k, e in header["transforms"].items()}
+            if len(transforms) != len(model.layers) * len(SITES):
+                raise ValueError(f"{len(transforms)} transforms, want {len(model.layers) * len(SITES)}")
+            return transforms, header["kl"]
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"{path}: {e}; delete {partial} to start over") from None
+    ref = llama.load(cc.ckpt)[0]
+    try:
+        transforms, res = learn_kl_transforms(model, ref, samples, cc, qc, lc)
+    except bq.LearningError as e:
+        raise UserError(f"{e}: lower --lr") from None
+    tensors, entries = {}, {}
+    for (l, slot), T in transforms.items():
+        entries[f"layers.{l}.{slot}"], tensors[f"layers.{l}.{slot}.theta"], Q = T.export()
+        if Q is not None:
+            tensors[f"layers.{l}.{slot}.Q"] = Q
+    start_partial(partial, sett)
+    llama.write_safetensors(path, tensors, dict(transforms=entries, kl=res))
+    return transforms, res
 
 
 def finetune_file(cc, src, out):
@@ -514,8 +634,10 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-gptq", dict(rotation="butterfly", objective="gptq")),
               ("butterfly-block", dict(rotation="butterfly", objective="block")),
               ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True)),
+              ("butterfly-kl", dict(rotation="butterfly", objective="kl")),
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
-              ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq"))]
+              ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq")),
+              ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl"))]
 SWEEP_SEEDS = (0, 1, 2)
 SWEEP_FINETUNE = 80         # end-to-end steps of the -e2e rows, 1024 tokens each
 SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "gptq", seed=seed,
@@ -633,14 +755,16 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per sample and per evaluation window (default 2048; data-free on CPU: %d)"
                         % DATA_FREE_CPU[1])
-    p.add_argument("--objective", default="layer", choices=["layer", "gptq", "block"],
+    p.add_argument("--objective", default="layer", choices=["layer", "gptq", "block", "kl"],
                    help="layer: each site alone, trace(E H E^T) under straight-through RTN (the paper's); gptq: each "
                         "site alone, GPTQ's expected loss; block: a block's four transforms jointly on the block's "
-                        "output MSE")
+                        "output MSE; kl: every transform at once, before quantizing, on KL(unquantized || "
+                        "straight-through RTN) of the next-token distribution")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimisation steps per site (layer: 30, gptq: 300) or block (block: 20)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; gptq: 0.02, block: 0.01, "
-                                                          "Adam)")
+                   help="optimisation steps per site (layer: 30, gptq: 300), block (block: 20) or model (kl: 80, "
+                        "%d tokens each)" % FINETUNE_TOKENS)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; gptq: 0.02, block and kl: "
+                                                          "0.01, Adam)")
     p.add_argument("--refresh", type=int, default=10, help="gptq objective: steps between recomputations of GPTQ's "
                                                            "column weights")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")

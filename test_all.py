@@ -689,11 +689,8 @@ def test_calibrate_save_load_eval_cycle_on_stories260k(tmp_path):
     assert r.returncode == 0 and abs(json.loads(r.stdout.strip().splitlines()[-1])["ppl"] - ppl) < 1e-3
 
 
-@needs_shared
-def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monkeypatch):
-    out, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
-    clean = str(tmp_path / "clean.safetensors")
-    calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
+def killed_in_block_3(argv, monkeypatch):
+    """calibrate.main(argv) interrupted (KeyboardInterrupt) as it starts the third block."""
     real, calls = calibrate.quantize_block, []
 
     def dies_in_block_3(block, *a, **k):
@@ -701,12 +698,20 @@ def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monk
         if len(calls) > 2:
             raise KeyboardInterrupt
         return real(block, *a, **k)
-    monkeypatch.setattr(calibrate, "quantize_block", dies_in_block_3)
-    with pytest.raises(KeyboardInterrupt):
-        calibrate.main(argv)
+    with monkeypatch.context() as m:
+        m.setattr(calibrate, "quantize_block", dies_in_block_3)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate.main(argv)
+
+
+@needs_shared
+def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monkeypatch):
+    out, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
+    clean = str(tmp_path / "clean.safetensors")
+    calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
+    killed_in_block_3(argv, monkeypatch)
     assert not os.path.exists(out)
     assert sorted(os.listdir(out + ".partial")) == ["block_000.safetensors", "block_001.safetensors", "settings.json"]
-    monkeypatch.setattr(calibrate, "quantize_block", real)
     calibrate.main(argv)
     a, b = load_file(out), load_file(clean)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -723,6 +728,48 @@ def test_block_objective_calibration_of_stories260k_lowers_the_block_loss(tmp_pa
     assert sum(b["final"] for b in blocks) < 0.95 * sum(b["start"] for b in blocks)
     model, _ = llama.load(out)
     assert header["settings"]["learn"]["objective"] == "block" and torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+@needs_shared
+def test_kl_objective_moves_every_angle_and_factor_and_lowers_the_kl(tmp_path):
+    """The kl objective on stories260K (dims 64 and 172 = 43 x 4: a K x K factor): Adam moves a parameter only where
+    its gradient is non-zero, so every angle and every factor differing from its seeded start shows that the KL's
+    gradient reaches all of them; the KL of the straight-through model falls; the file loads and runs."""
+    out, argv = tiny_calibrate(tmp_path, "--objective", "kl", "--steps", "8")
+    calibrate.main(argv)
+    header, tensors = llama.read_safetensors(out)
+    assert header["kl_objective"]["kl_after"] < 0.9 * header["kl_objective"]["kl_before"]
+    factors = 0
+    for l in range(5):
+        for s_i, (slot, _) in enumerate(llama.SITES):
+            entry = header["transforms"][f"layers.{l}.{slot}"]
+            start = bq.Transform(entry["n"], "rhadamard", torch.Generator().manual_seed(4 * l + s_i))
+            _, theta0, Q0 = start.export()
+            theta = tensors[f"layers.{l}.{slot}.theta"]
+            assert theta.shape == theta0.shape and (theta - theta0).abs().min() > 0, (l, slot)
+            if Q0 is not None:
+                factors += 1
+                Q = tensors[f"layers.{l}.{slot}.Q"]
+                assert (Q - Q0).abs().max() > 1e-4
+                assert torch.allclose(Q.double() @ Q.double().T, torch.eye(Q.shape[0], dtype=torch.float64), atol=1e-5)
+    assert factors == 5
+    assert torch.isfinite(llama.load(out)[0](torch.tensor([[1, 2, 3]]))).all()
+
+
+@needs_shared
+def test_killed_kl_objective_run_resumes_with_its_learned_transforms(tmp_path, monkeypatch):
+    """The kl objective's transforms are kept in OUT.partial/: a run killed in block 3 resumes without learning
+    them again and writes the file an uninterrupted run writes."""
+    out, argv = tiny_calibrate(tmp_path, "--objective", "kl", "--steps", "4")
+    clean = str(tmp_path / "clean.safetensors")
+    calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
+    killed_in_block_3(argv, monkeypatch)
+    assert sorted(os.listdir(out + ".partial")) == ["block_000.safetensors", "block_001.safetensors",
+                                                    "kl_transforms.safetensors", "settings.json"]
+    monkeypatch.setattr(calibrate, "learn_kl_transforms", None)     # resumed: read back, not learned again
+    calibrate.main(argv)
+    a, b = load_file(out), load_file(clean)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_scales_of_frozen_codes_get_finite_difference_gradients():
@@ -808,7 +855,7 @@ def test_sweep_only_selects_full_row_names_exactly():
     tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]            # noqa: E731
     assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
-    assert len(tags([])) == 1 + 4 * 9 * 3 and len(set(tags([]))) == len(tags([]))
+    assert len(tags([])) == 1 + 4 * 11 * 3 and len(set(tags([]))) == len(tags([]))
     e2e = dict(calibrate.sweep_rows(["w2g64-gptq-hadamard-e2e-s1"]))
     assert list(e2e) == ["fp", "w2g64-gptq-hadamard-e2e-s1"] and e2e["w2g64-gptq-hadamard-e2e-s1"]["base"] == \
         "w2g64-gptq-hadamard-s1"        # the end-to-end row starts from its base row's file, same seed
@@ -1383,11 +1430,11 @@ class Case:
         shutil.copy(seed_file, self.p("q.safetensors"))
         return self.p("q.safetensors")
 
-    def stopped_run(self, ckpt, after_blocks=1):
+    def stopped_run(self, ckpt, after_blocks=1, *extra):
         """A calibration of `ckpt` stopped (KeyboardInterrupt) after its first block: OUT.partial/ with one block.
         Returns the argv to resume it."""
         argv = ["--ckpt", ckpt, "--out", self.p("q.safetensors"), "--calib", self.text("calib.txt", "wikitext103_valid.txt"),
-                "--no_eval", *CAL_FLAGS]
+                "--no_eval", *CAL_FLAGS, *extra]
         real, calls = calibrate.quantize_block, []
 
         def stops(*a, **k):
@@ -1496,6 +1543,15 @@ def partial_block_edit(c, fn):
     """A stopped run's first finished block rewritten by fn(path), then resumed."""
     argv = c.stopped_run(c.tiny())
     fn(c.p("q.safetensors.partial", "block_000.safetensors"))
+    return argv
+
+
+def partial_kl_edit(c):
+    """A stopped kl-objective run whose kept transforms lost their last bytes, then resumed."""
+    argv = c.stopped_run(c.tiny(), 1, "--objective", "kl", "--steps", "2")
+    p = c.p("q.safetensors.partial", "kl_transforms.safetensors")
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) - 8)
     return argv
 
 
@@ -1666,6 +1722,8 @@ BAD_INPUTS = {
         {"x": torch.ones(2)}, c.p("plain.safetensors")), c.p("plain.safetensors"))[1])),
     "cal finetune_from with nsamples": ("drop --nsamples", lambda c, q: ft(c, c.quantized(q), "--nsamples", "3")),
     "cal sweep with finetune": ("--sweep runs its own", lambda c, q: cal(c, None, "--sweep", "--finetune", "2")),
+    "cal kl objective from best": ("kl objective", lambda c, q: cal(c, None, "--objective", "kl", "--init", "best")),
+    "cal partial kl transforms truncated": ("kl_transforms", lambda c, q: partial_kl_edit(c)),
 }
 
 
