@@ -249,7 +249,8 @@ def start_partial(partial, sett):
 
 def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval_files=()):
     """Calibrate cc.ckpt and write `out`; returns a summary dict. Everything is checked before any work;
-    OUT.partial/ appears with the first finished block and keeps the finished blocks."""
+    OUT.partial/ appears with the first result worth keeping (the kl objective's transforms, or the first
+    finished block) and keeps them."""
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
