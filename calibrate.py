@@ -433,15 +433,13 @@ def descend_kl(kl, order, params, steps, lr, label, t0):
     """Adam, cosine-decayed, on kl(chunk), one chunk per step in `order` (cycled)."""
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    for step in range(steps):
-        loss = kl(order[step % len(order)])
-        if not torch.isfinite(loss):
-            raise bq.LearningError(f"{label}: non-finite KL at step {step + 1}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        evaluation.progress_line(f"{label}: step", step + 1, steps, t0, f"KL {loss.item():.4f}", keep=False)
+    for step in range(1, steps + 1):
+        loss = kl(order[(step - 1) % len(order)])
+        try:
+            bq.descend(opt, sched, loss, step)
+        except bq.LearningError as e:
+            raise bq.LearningError(f"{label}: {e}") from None
+        evaluation.progress_line(f"{label}: step", step, steps, t0, f"KL {loss.item():.4f}", keep=False)
 
 
 @contextlib.contextmanager
