@@ -433,9 +433,11 @@ class LearnConfig:
             raise ValueError("batch must be >= 1, tokens >= 2, refresh >= 1 and clip_lr positive")
         if self.init not in ("identity", "hadamard", "rhadamard", "random", "best"):
             raise ValueError(f"unknown init {self.init!r}")
-        if self.objective == "kl" and (self.init == "best" or self.optim != "adam" or self.lwc):
+        if self.lwc and self.objective != "block":
+            raise ValueError("learned clip factors (--lwc) are learned by the block objective only")
+        if self.objective == "kl" and (self.init == "best" or self.optim != "adam"):
             raise ValueError("the kl objective starts every site from one --init (identity, hadamard, rhadamard or "
-                             "random; 'best' needs a layer loss), learns with adam and has no --lwc")
+                             "random; 'best' needs a layer loss) and learns with adam")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optim!r}")
         if self.steps < 0 or self.rows < 0 or self.checkpoints < 1:

@@ -12,7 +12,8 @@ For each block, in order:
   2. learn and quantize: T per site (butterflyquant.learn_transform), then Q(W T^T) with the final quantizer
      (GPTQ on T H T^T, or RTN with clip search); the block becomes its quantized self (llama.install_quantized_block);
   3. write: the block's tensors to OUT.partial/ (a killed run resumes there), and at the end the whole file.
-With --objective kl, every T is learned first, on the whole model's next-token KL, and step 2 only quantizes.
+With --objective kl (the default with --rtn), every T is learned first, on the whole model's next-token KL, and
+step 2 only quantizes.
 The same code path runs the baselines (--rotation none / hadamard / random), so the comparison is fair.
 """
 import argparse
@@ -754,11 +755,12 @@ def parse_args(argv=None):
     p.add_argument("--seqlen", type=int, default=None,
                    help="tokens per sample and per evaluation window (default 2048; data-free on CPU: %d)"
                         % DATA_FREE_CPU[1])
-    p.add_argument("--objective", default="layer", choices=["layer", "gptq", "block", "kl"],
+    p.add_argument("--objective", default=None, choices=["layer", "gptq", "block", "kl"],
                    help="layer: each site alone, trace(E H E^T) under straight-through RTN (the paper's); gptq: each "
                         "site alone, GPTQ's expected loss; block: a block's four transforms jointly on the block's "
                         "output MSE; kl: every transform at once, before quantizing, on KL(unquantized || "
-                        "straight-through RTN) of the next-token distribution")
+                        "straight-through RTN) of the next-token distribution (default: kl with --rtn, where it wins "
+                        "on 3 seeds, else layer; block with --lwc)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimisation steps per site (layer: 30, gptq: 300), block (block: 20) or model (kl: 80, "
                         "%d tokens each)" % FINETUNE_TOKENS)
@@ -814,12 +816,15 @@ def parse_args(argv=None):
     if not 0 <= cc.seed < 2 ** 32 or (a.eval_limit is not None and a.eval_limit < 1):
         raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
     llama.check_device(cc.device)
+    objective = a.objective or ("block" if a.lwc else "layer" if a.gptq else "kl")
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
-        lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, a.objective,
+        lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, objective,
                             a.block_batch, a.block_tokens, a.lwc, refresh=a.refresh)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        hint = f" (--rtn's default objective is {objective}: name another with --objective)" if a.objective is None \
+            and not a.gptq else ""
+        raise UserError(f"{e}{hint}") from None
     if a.sweep and (a.finetune or a.finetune_from):
         raise UserError("--sweep runs its own end-to-end rows (-e2e); drop --finetune and --finetune_from")
     if a.finetune_from is not None:

@@ -1231,6 +1231,18 @@ def test_data_free_defaults_apply_only_without_calibration_text(tmp_path, monkey
     assert calibrate.parse_args(["--device", "cpu", "--nsamples", "3", "--seqlen", "64"])[0].nsamples == 3
 
 
+def test_default_objective_is_kl_for_rtn_layer_for_gptq_block_with_learned_clips(tmp_path):
+    """The measured winner per final quantizer (README): kl under RTN, the paper's layer objective under GPTQ;
+    --lwc is learned by the block objective only, so it implies that objective and no other takes it."""
+    def objective(*flags):
+        return calibrate.parse_args(["--device", "cpu", "--out", str(tmp_path / "q.safetensors"), *flags])[2].objective
+    assert (objective(), objective("--rtn"), objective("--rtn", "--lwc")) == ("layer", "kl", "block")
+    assert objective("--rtn", "--objective", "layer") == "layer"
+    for flags in (("--objective", "gptq", "--lwc"), ("--rtn", "--optim", "sgd")):
+        with pytest.raises(calibrate.UserError, match="block objective only|default objective is kl"):
+            objective(*flags)
+
+
 @needs_shared
 def test_no_dataset_report_end_to_end_on_stories260k(tmp_path, monkeypatch, capsys):
     """No calibration or evaluation text anywhere: data-free calibration, then the report on held-out sampled text,
@@ -1724,6 +1736,8 @@ BAD_INPUTS = {
     "cal sweep with finetune": ("--sweep runs its own", lambda c, q: cal(c, None, "--sweep", "--finetune", "2")),
     "cal kl objective from best": ("kl objective", lambda c, q: cal(c, None, "--objective", "kl", "--init", "best")),
     "cal partial kl transforms truncated": ("kl_transforms", lambda c, q: partial_kl_edit(c)),
+    "cal lwc with the gptq objective": ("block objective only", lambda c, q: cal(c, None, "--objective", "gptq", "--lwc")),
+    "cal rtn's default objective with sgd": ("--objective", lambda c, q: cal(c, None, "--rtn", "--optim", "sgd")),
 }
 
 
