@@ -202,10 +202,16 @@ def _minmax_params(xmin, xmax, bits, sym):
 def quant_params(w, bits, sym=False, clip=True, mask=None, grid=100, maxshrink=0.8):
     """Per-row scale and zero of w (R, g). clip: shrink [min, max] by p in {1, 0.99, ..., 0.2} and keep the
     p with the least squared error per row (GPTQ's mse search). mask marks real entries (padding excluded)."""
+    return clip_search(w, bits, sym, clip, mask, grid, maxshrink)[:2]
+
+
+def clip_search(w, bits, sym=False, clip=True, mask=None, grid=100, maxshrink=0.8):
+    """quant_params, and the shrink p (R,) each row kept (1: min-max)."""
     xmin, xmax = w.amin(1), w.amax(1)
     scale, zero = _minmax_params(xmin, xmax, bits, sym)
+    shrink = torch.ones_like(xmin)
     if not clip:
-        return scale, zero
+        return scale, zero, shrink
     maxq = 2 ** bits - 1
     best = torch.full_like(xmin, float("inf"))
     for i in range(int(maxshrink * grid) + 1):
@@ -218,7 +224,8 @@ def quant_params(w, bits, sym=False, clip=True, mask=None, grid=100, maxshrink=0
         err = err.sum(1)
         better = err < best
         best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
-    return scale, zero
+        shrink = torch.where(better, torch.full_like(shrink, p), shrink)
+    return scale, zero, shrink
 
 
 def ngroups(n, group):
@@ -279,6 +286,17 @@ def quantize(w, cfg: QuantConfig, H=None, gamma=None):
             better = (loss < best)[:, None]
             scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(loss, best)
     return rtn(scale, zero).view(R, G * g)[:, :n].to(torch.uint8), scale, zero
+
+
+def clip_logits(w, cfg: QuantConfig, pmax=0.99):
+    """Learned clip factors that start where the clip search ends: gamma (2, R, G) with sigmoid(gamma) the
+    search's shrink of each group's [min, max] (at most pmax, so that the logit stays finite and learnable)."""
+    R, n = w.shape
+    wg, mask = _grouped(w.float(), cfg.group)
+    G, g = mask.shape
+    weight = None if mask.min() > 0 else mask.expand(R, G, g).reshape(R * G, g)
+    p = clip_search(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip, mask=weight)[2].view(R, G)
+    return torch.logit(p.clamp(max=pmax)).expand(2, R, G).clone()
 
 
 def dequantize(q, scale, zero, group):
@@ -415,8 +433,8 @@ class LearnConfig:
                               # jointly on the next-token KL (calibrate.py: it needs the model)
     batch: int = 2            # block objective: sequences per step
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
-    lwc: bool = False         # block objective: also learn per-group clip factors (used by RTN)
-    clip_lr: float = 5e-3     # their learning rate (Adam)
+    lwc: bool = False         # block and kl objectives: also learn per-group clip factors (used by RTN and GPTQ)
+    clip_lr: Optional[float] = None  # their learning rate (Adam; block: 5e-3 from 0.98, kl: 1e-2 from the search)
     refresh: int = 10         # gptq objective: steps between recomputations of d(T H T^T) (an O(n^3) Cholesky)
 
     def __post_init__(self):
@@ -429,12 +447,13 @@ class LearnConfig:
         self.steps = steps if self.steps is None else self.steps
         self.lr = lr if self.lr is None else self.lr
         self.optim = optim if self.optim is None else self.optim
+        self.clip_lr = (1e-2 if self.objective == "kl" else 5e-3) if self.clip_lr is None else self.clip_lr
         if self.batch < 1 or self.tokens < 2 or self.refresh < 1 or not (math.isfinite(self.clip_lr) and self.clip_lr > 0):
             raise ValueError("batch must be >= 1, tokens >= 2, refresh >= 1 and clip_lr positive")
         if self.init not in ("identity", "hadamard", "rhadamard", "random", "best"):
             raise ValueError(f"unknown init {self.init!r}")
-        if self.lwc and self.objective != "block":
-            raise ValueError("learned clip factors (--lwc) are learned by the block objective only")
+        if self.lwc and self.objective not in ("block", "kl"):
+            raise ValueError("learned clip factors (--lwc) are learned by the block and kl objectives only")
         if self.objective == "kl" and (self.init == "best" or self.optim != "adam"):
             raise ValueError("the kl objective starts every site from one --init (identity, hadamard, rhadamard or "
                              "random; 'best' needs a layer loss) and learns with adam")
@@ -460,18 +479,19 @@ def descend(opt, sched, loss, step):
     sched.step()
 
 
-def quantize_rotated(W, H, M, cfg: QuantConfig):
-    """The quantizer the file holds, on the rotated weights W T^T: GPTQ with T H T^T, or RTN (with clip search)."""
+def quantize_rotated(W, H, M, cfg: QuantConfig, gamma=None):
+    """The quantizer the file holds, on the rotated weights W T^T: GPTQ with T H T^T, or RTN; each group's range
+    from the clip search, or from learned clip factors sigmoid(gamma) (2, R, G)."""
     Wr = W @ M.T
     if cfg.gptq:
-        return gptq(Wr, M @ H @ M.T, cfg, act_order=cfg.act_order)
-    return quantize(Wr, cfg, H=M @ H @ M.T)
+        return gptq(Wr, M @ H @ M.T, cfg, act_order=cfg.act_order, gamma=gamma)
+    return quantize(Wr, cfg, H=M @ H @ M.T, gamma=gamma)
 
 
 @torch.no_grad()
-def score(W, H, M, cfg: QuantConfig, base):
+def score(W, H, M, cfg: QuantConfig, base, gamma=None):
     """(trace(E H E^T) / base under the final quantizer, its (q, scale, zero)); base = trace(W H W^T)."""
-    qsz = quantize_rotated(W, H, M, cfg)
+    qsz = quantize_rotated(W, H, M, cfg, gamma)
     return (recon_loss_trace(W, dequantize(*qsz, cfg.group), M, H) / base).item(), qsz
 
 
@@ -596,8 +616,10 @@ def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lc
 # GPTQ (Frantar et al. 2022): quantize column by column, pushing each column's error onto the columns not
 # yet quantized through the inverse Hessian of ||(W - W_hat) X||^2, H = X X^T.
 
-def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False):
-    """W (R, n), H (n, n) -> (q, scale, zero) as quantize() returns them."""
+def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False, gamma=None):
+    """W (R, n), H (n, n) -> (q, scale, zero) as quantize() returns them. gamma (2, R, G): learned clip factors,
+    which fix every group's range from W as given (static groups, as with act_order) so that GPTQ rounds on the
+    grid the factors were learned for."""
     W = W.clone().float()
     H = H.clone().float()
     R, n = W.shape
@@ -606,14 +628,16 @@ def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False):
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    if act_order:   # static groups: parameters from the original weights, in the original column order
-        _, scale, zero = quantize(W, cfg)
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    static = act_order or gamma is not None
+    if static:      # static groups: parameters from the original weights, in the original column order
+        _, scale, zero = quantize(W, cfg, gamma=gamma)
     else:
-        perm = torch.arange(n, device=W.device)
         scale = torch.zeros(R, ngroups(n, cfg.group), device=W.device)
         zero = torch.zeros_like(scale)
+    perm = torch.arange(n, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros(R, n, device=W.device)
@@ -623,7 +647,7 @@ def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False):
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            if not act_order and col % g == 0:   # fresh group: parameters from the current (updated) weights
+            if not static and col % g == 0:   # fresh group: parameters from the current (updated) weights
                 cur = torch.cat((W1[:, i:], W[:, i2:]), 1)[:, :g]
                 s, z = quant_params(cur, cfg.bits, cfg.sym, cfg.clip)
                 scale[:, col // g], zero[:, col // g] = s, z

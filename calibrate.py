@@ -66,7 +66,7 @@ class CalibConfig:
 def settings(cc, qc, lc):
     """Everything that determines the result: the resume check and the file header."""
     d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device")}
-    return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" else None)
+    return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" or lc.lwc else None)
 
 
 # -----------------------------------------------------------------------------
@@ -162,12 +162,13 @@ def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
     return transforms, starts, gammas, (start, end)
 
 
-def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None, given=None):
+def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None, given=None, clips=None):
     """Choose T and quantize Q(W T^T) at every site of one block, then install the quantized block.
-    given: {slot: Transform} learned beforehand (the kl objective), used as they are.
+    given: {slot: Transform} learned beforehand (the kl objective), used as they are; clips: {linear: gamma
+    (2, out, groups)} learned clip factors (the kl objective with lwc), which set the final quantizer's ranges.
     Returns (the block's tensors, {slot: transform entry}, {site: relative layer loss before and after})."""
     tensors, entries, log, t0 = {}, {}, {}, time.time()
-    learned, starts, gammas, block_loss = {}, {}, None, None
+    learned, starts, gammas, block_loss = {}, {}, clips or None, None
     if cc.rotation == "butterfly" and lc.objective == "block":
         learned, starts, gammas, block_loss = learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer)
     for s_i, (slot, linears) in enumerate(SITES):
@@ -177,22 +178,16 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
         Ws = [block.get_submodule(name).weight.detach().to(cc.device, torch.float32) for name in linears]
         W = torch.cat(Ws)                           # (sum of outs, n): linears sharing an input share T
         n, H = W.shape[1], stats[slot]["H"]
+        gamma = None if gammas is None else torch.cat([gammas[name].detach() for name in linears], 1)
         first = float("nan")
         if cc.rotation == "butterfly":
             try:
                 if given and slot in given:     # chosen by the model's KL, not by this layer's loss
                     T = given[slot]
-                    after, (q, s, z) = bq.score(W, H, T.matrix().detach(), qc, ((W @ H) * W).sum())
+                    after, (q, s, z) = bq.score(W, H, T.matrix().detach(), qc, ((W @ H) * W).sum(), gamma)
                 elif slot in learned:     # kept only if the final quantizer's layer loss improved on the start's
                     T, (first, start_qsz, start_state) = learned[slot], starts[slot]
-                    M = T.matrix().detach()
-                    base = ((W @ H) * W).sum()
-                    if gammas is not None and not qc.gptq:      # RTN with the learned clip
-                        qs = [bq.quantize(Wl @ M.T, qc, gamma=gammas[name].detach()) for name, Wl in zip(linears, Ws)]
-                        q, s, z = (torch.cat(t) for t in zip(*qs))
-                        after = (bq.recon_loss_trace(W, bq.dequantize(q, s, z, qc.group), M, H) / base).item()
-                    else:
-                        after, (q, s, z) = bq.score(W, H, M, qc, base)
+                    after, (q, s, z) = bq.score(W, H, T.matrix().detach(), qc, ((W @ H) * W).sum(), gamma)
                     if after > first:
                         T.load_state_dict(start_state)
                         after, (q, s, z) = first, start_qsz
@@ -210,7 +205,7 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
             else:
                 entries[slot] = dict(n=n, dense=True, kind=cc.rotation, seed=seed)
                 M = bq.fixed_matrix(n, cc.rotation, seed).to(cc.device)
-            after, (q, s, z) = bq.score(W, H, M, qc, ((W @ H) * W).sum())
+            after, (q, s, z) = bq.score(W, H, M, qc, ((W @ H) * W).sum(), gamma)
         row = 0
         for name, Wl in zip(linears, Ws):
             rows = slice(row, row + Wl.shape[0])
@@ -252,6 +247,9 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     """Calibrate cc.ckpt and write `out`; returns a summary dict. Everything is checked before any work;
     OUT.partial/ appears with the first result worth keeping (the kl objective's transforms, or the first
     finished block) and keeps them."""
+    if lc.lwc and cc.rotation != "butterfly" and lc.objective != "kl":
+        raise UserError(f"--lwc with --rotation {cc.rotation}: a fixed rotation's clip factors are learned by the kl "
+                        f"objective only (--objective kl)")
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
@@ -288,9 +286,9 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
           f"g{qc.group}{' sym' if qc.sym else ''} {'GPTQ' if qc.gptq else 'RTN'}{'+clip' if qc.clip else ''} | "
           f"rotation {cc.rotation}{'(' + lc.init + ')' if cc.rotation == 'butterfly' else ''} | "
           f"{cc.nsamples}x{cc.seqlen} tokens of {source} | {dev}", file=sys.stderr)
-    kl_learned, kl_log = {}, None
-    if cc.rotation == "butterfly" and lc.objective == "kl":
-        kl_learned, kl_log = kl_transforms(model, samples, cc, qc, lc, partial, sett)
+    kl_transforms, kl_clips, kl_log = {}, {}, None
+    if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
+        kl_transforms, kl_clips, kl_log = kl_learned(model, samples, cc, qc, lc, partial, sett)
     with torch.no_grad():
         X = model.tok_embeddings(samples).float()                       # (N, T, dim) on CPU
     cos, sin = model.rope(0, cc.seqlen, dev)
@@ -315,8 +313,9 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
             site_log.update({f"layers.{l}.{k}": v for k, v in header["log"].items()})
             continue
         Y, stats = run_block(block, X, cos, sin, cc, capture=True, label=f"block {l + 1}: collecting H")
-        given = {slot: T for (i, slot), T in kl_learned.items() if i == l}
-        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin, given)  # Y: fp outputs
+        given = {slot: T for (i, slot), T in kl_transforms.items() if i == l}
+        clips = {name: g for (i, name), g in kl_clips.items() if i == l}
+        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin, given, clips)  # Y: fp outputs
         del Y
         del stats
         block.to(dev)
@@ -512,81 +511,99 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 
 class FakeQuantLinear(nn.Module):
     """y = x Q(W T^T)^T, the rows of Q(W T^T) being Q(T w): the site's slot applies T to x online, so y = W x up
-    to Q's error, and gradients reach T through both."""
+    to Q's error, and gradients reach T through both, and the clip factors sigmoid(gamma) (2, out, groups) when
+    given."""
 
-    def __init__(self, weight, T, qc):
+    def __init__(self, weight, T, qc, gamma=None):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.T, self.qc = T, qc
+        self.T, self.qc, self.gamma = T, qc, gamma
 
     def forward(self, x):   # (..., in) -> (..., out)
-        return F.linear(x, bq.fake_quant_ste(self.T(self.weight), self.qc))
+        return F.linear(x, bq.fake_quant_ste(self.T(self.weight), self.qc, self.gamma))
 
 
-def learn_kl_transforms(model, ref, samples, cc, qc, lc):
-    """The kl objective on the unquantized `model` (left as it was): lc.steps Adam steps at lc.lr from lc.init,
-    each site seeded as the other objectives seed it. Never ends worse than its start on the probe chunks.
-    Returns ({(layer, slot): Transform}, dict(kl_before, kl_after, seconds))."""
+def learn_kl(model, ref, samples, cc, qc, lc):
+    """The kl objective on the unquantized `model` (left as it was): lc.steps Adam steps from lc.init, the angles
+    at lc.lr (a learned butterfly; a fixed rotation stays fixed) and, with lc.lwc, every group's clip factors at
+    lc.clip_lr, started from the clip search. Each site is seeded as the other objectives seed it. Never ends
+    worse than its start on the probe chunks.
+    Returns ({(layer, slot): Transform} learned, {(layer, linear): gamma}, dict(kl_before, kl_after, seconds))."""
     t0, dev = time.time(), cc.device
     kl, order, probe = kl_setup(model, ref, samples, cc.seed, dev)
-    transforms, swaps = {}, []      # swaps: (name, new, original)
+    transforms, gammas, swaps = {}, {}, []      # swaps: (name, new, original)
     for l, block in enumerate(model.layers):
         block.float()
         for s_i, (slot, linears) in enumerate(SITES):
-            n = block.get_submodule(linears[0]).in_features
-            T = bq.Transform(n, lc.init, torch.Generator().manual_seed(cc.seed * 1000003 + 4 * l + s_i)).to(dev)
-            transforms[(l, slot)] = T
+            n, seed = block.get_submodule(linears[0]).in_features, cc.seed * 1000003 + 4 * l + s_i
+            if cc.rotation == "butterfly":
+                T = transforms[(l, slot)] = bq.Transform(n, lc.init, torch.Generator().manual_seed(seed)).to(dev)
+            elif cc.rotation == "none":
+                T = nn.Identity()
+            else:       # fixed: the very T the block loop quantizes with
+                T = llama.OnlineTransform(dict(n=n, dense=True, kind=cc.rotation, seed=seed)).to(dev)
             swaps.append((f"layers.{l}.{slot}", T, block.get_submodule(slot)))
             for name in linears:
                 lin = block.get_submodule(name)
-                swaps.append((f"layers.{l}.{name}", FakeQuantLinear(lin.weight.detach(), T, qc), lin))
-    params = [p for T in transforms.values() for p in T.parameters()]
+                W = lin.weight.detach().to(dev)
+                if lc.lwc:
+                    with torch.no_grad():
+                        gammas[(l, name)] = bq.clip_logits(T(W), qc).requires_grad_(True)
+                swaps.append((f"layers.{l}.{name}", FakeQuantLinear(W, T, qc, gammas.get((l, name))), lin))
+    groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
+              dict(params=list(gammas.values()), lr=lc.clip_lr)]
     with swapped(model, swaps, str(dev).startswith("cuda")):
         before = probe()
-        start = [copy.deepcopy(T.state_dict()) for T in transforms.values()]
-        descend_kl(kl, order, params, lc.steps, lc.lr, "kl objective", t0)
+        start = [copy.deepcopy(T.state_dict()) for T in transforms.values()], [g.detach().clone() for g in gammas.values()]
+        descend_kl(kl, order, [g for g in groups if g["params"]], lc.steps, lc.lr, "kl objective", t0)
         after = probe()
         if not after <= before:
-            for T, state in zip(transforms.values(), start):
+            for T, state in zip(transforms.values(), start[0]):
                 T.load_state_dict(state)
+            for g, g0 in zip(gammas.values(), start[1]):
+                g.data.copy_(g0)
             after = before
     model.cpu()
     ref.cpu()
-    for T in transforms.values():
-        T.requires_grad_(False)
+    for t in list(transforms.values()) + list(gammas.values()):
+        t.requires_grad_(False)
     res = dict(kl_before=round(before, 5), kl_after=round(after, 5), seconds=round(time.time() - t0, 1))
     evaluation.say(f"kl objective: {lc.steps} steps, KL of the straight-through RTN model on 4 chunks "
                    f"{res['kl_before']:.4f} -> {res['kl_after']:.4f}, {evaluation.fmt_time(res['seconds'])}")
-    return transforms, res
+    return transforms, gammas, res
 
 
-def kl_transforms(model, samples, cc, qc, lc, partial, sett):
-    """learn_kl_transforms, kept in OUT.partial/kl_transforms.safetensors: a resumed run reads them back."""
+def kl_learned(model, samples, cc, qc, lc, partial, sett):
+    """learn_kl, kept in OUT.partial/kl_transforms.safetensors: a resumed run reads them back."""
     path = os.path.join(partial, "kl_transforms.safetensors")
+    linears = [(l, name) for l in range(len(model.layers)) for _, names in SITES for name in names]
     if os.path.isfile(path):
         header, tensors = llama.read_safetensors(path)
         try:
             llama.check_finite(tensors, path)
             transforms = {(int(k.split(".")[1]), k.split(".", 2)[2]): bq.Transform.from_export(
                 e, tensors[f"{k}.theta"], tensors.get(f"{k}.Q")).to(cc.device) for k, e in header["transforms"].items()}
-            if len(transforms) != len(model.layers) * len(SITES):
-                raise ValueError(f"{len(transforms)} transforms, want {len(model.layers) * len(SITES)}")
-            return transforms, header["kl"]
+            gammas = {(l, name): tensors[f"layers.{l}.{name}.gamma"].to(cc.device) for l, name in linears} \
+                if lc.lwc else {}
+            want = len(model.layers) * len(SITES) if cc.rotation == "butterfly" else 0
+            if len(transforms) != want:
+                raise ValueError(f"{len(transforms)} transforms, want {want}")
+            return transforms, gammas, header["kl"]
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise UserError(f"{path}: {e}; delete {partial} to start over") from None
     ref = llama.load(cc.ckpt)[0]
     try:
-        transforms, res = learn_kl_transforms(model, ref, samples, cc, qc, lc)
+        transforms, gammas, res = learn_kl(model, ref, samples, cc, qc, lc)
     except bq.LearningError as e:
-        raise UserError(f"{e}: lower --lr") from None
-    tensors, entries = {}, {}
+        raise UserError(f"{e}: lower --lr" + (" or --clip_lr" if lc.lwc else "")) from None
+    tensors, entries = {f"layers.{l}.{name}.gamma": g.cpu() for (l, name), g in gammas.items()}, {}
     for (l, slot), T in transforms.items():
         entries[f"layers.{l}.{slot}"], tensors[f"layers.{l}.{slot}.theta"], Q = T.export()
         if Q is not None:
             tensors[f"layers.{l}.{slot}.Q"] = Q
     start_partial(partial, sett)
     llama.write_safetensors(path, tensors, dict(transforms=entries, kl=res))
-    return transforms, res
+    return transforms, gammas, res
 
 
 def finetune_file(cc, src, out):
@@ -635,6 +652,8 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-block", dict(rotation="butterfly", objective="block")),
               ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True)),
               ("butterfly-kl", dict(rotation="butterfly", objective="kl")),
+              ("hadamard-kl-lwc", dict(rotation="hadamard", objective="kl", lwc=True)),     # clip factors only
+              ("butterfly-kl-lwc", dict(rotation="butterfly", objective="kl", lwc=True)),
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
               ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq")),
               ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl"))]
@@ -760,7 +779,7 @@ def parse_args(argv=None):
                         "site alone, GPTQ's expected loss; block: a block's four transforms jointly on the block's "
                         "output MSE; kl: every transform at once, before quantizing, on KL(unquantized || "
                         "straight-through RTN) of the next-token distribution (default: kl with --rtn, where it wins "
-                        "on 3 seeds, else layer; block with --lwc)")
+                        "on 3 seeds, else layer; block with --lwc and GPTQ)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimisation steps per site (layer: 30, gptq: 300), block (block: 20) or model (kl: 80, "
                         "%d tokens each)" % FINETUNE_TOKENS)
@@ -770,7 +789,11 @@ def parse_args(argv=None):
                                                            "column weights")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
-    p.add_argument("--lwc", action="store_true", help="block objective: learn per-group clip factors too (RTN)")
+    p.add_argument("--lwc", action="store_true",
+                   help="block and kl objectives: learn per-group clip factors too, which then set the ranges of "
+                        "the final quantizer (RTN or GPTQ); with a fixed --rotation the kl objective learns only them")
+    p.add_argument("--clip_lr", type=float, default=None, help="learning rate of the clip factors (Adam; block: "
+                                                               "5e-3, kl: 1e-2)")
     p.add_argument("--rows", type=int, default=512, help="output rows per step (stochastic); 0 = all")
     p.add_argument("--checkpoints", type=int, default=1, help="times per site the iterate is scored with the "
                                                                     "final quantizer (the best is kept)")
@@ -816,11 +839,11 @@ def parse_args(argv=None):
     if not 0 <= cc.seed < 2 ** 32 or (a.eval_limit is not None and a.eval_limit < 1):
         raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
     llama.check_device(cc.device)
-    objective = a.objective or ("block" if a.lwc else "layer" if a.gptq else "kl")
+    objective = a.objective or ("kl" if not a.gptq else "block" if a.lwc else "layer")
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
         lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, objective,
-                            a.block_batch, a.block_tokens, a.lwc, refresh=a.refresh)
+                            a.block_batch, a.block_tokens, a.lwc, a.clip_lr, refresh=a.refresh)
     except ValueError as e:
         hint = f" (--rtn's default objective is {objective}: name another with --objective)" if a.objective is None \
             and not a.gptq else ""
@@ -835,8 +858,8 @@ def parse_args(argv=None):
             raise UserError(f"--finetune_from uses the calibration tokens its file was made with: drop {', '.join(given)}")
         a.out = a.out or a.finetune_from.removesuffix(".safetensors") + f"-e2e{cc.finetune}.safetensors"
     if a.out is None:
-        tag = cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
-            "" if lc.objective == "layer" else f"-{lc.objective}")
+        tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
+            "" if lc.objective == "layer" else f"-{lc.objective}")) + ("-lwc" if lc.lwc else "")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"

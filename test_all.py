@@ -434,6 +434,28 @@ def test_gptq_beats_rtn_on_the_layer_loss(bits, group, act_order):
     assert l_gptq < 0.9 * l_rtn, (l_gptq, l_rtn)
 
 
+def test_gptq_on_learned_clips_rounds_on_their_grid_and_is_rtn_without_error_feedback():
+    """Given clip factors sigmoid(gamma), GPTQ keeps the grid they set (the range [min, max] of each group of W
+    shrunk by them, recomputed here in float64) and with a diagonal H, where no error feeds forward, rounds exactly
+    as RTN on that grid; with a real H it beats RTN on the same grid."""
+    W, X, H = layer_with_hessian()
+    for bits, group in ((2, 64), (3, 0)):
+        cfg = bq.QuantConfig(bits, group)
+        G, maxq = bq.ngroups(W.shape[1], group), 2 ** bits - 1
+        gamma = torch.randn(2, W.shape[0], G, generator=torch.Generator().manual_seed(bits)) + 1.5
+        wg = W.double().view(W.shape[0], G, -1)
+        lo = (wg.amin(-1) * torch.sigmoid(gamma[0].double())).clamp(max=0)
+        hi = (wg.amax(-1) * torch.sigmoid(gamma[1].double())).clamp(min=0)
+        q, s, z = bq.gptq(W, H, cfg, blocksize=32, gamma=gamma)
+        assert torch.allclose(s.double(), (hi - lo) / maxq, rtol=1e-3) and torch.equal(z, torch.round(-lo / s.double()).float())
+        rq, rs, rz = bq.quantize(W, cfg, gamma=gamma)
+        dq, ds, dz = bq.gptq(W, torch.diag(torch.diagonal(H)), cfg, blocksize=32, gamma=gamma)
+        assert torch.equal(dq, rq) and torch.equal(ds, rs) and torch.equal(dz, rz)
+        I = torch.eye(W.shape[1])
+        l_gptq = bq.recon_loss_trace(W, bq.dequantize(q, s, z, group), I, H)
+        assert l_gptq < 0.9 * bq.recon_loss_trace(W, bq.dequantize(rq, rs, rz, group), I, H)
+
+
 def test_gptq_column_weights_are_the_variances_the_later_inputs_leave():
     """d_i = H_ii - H_i,>i H_>i,>i^-1 H_>i,i of the damped H, in float64 from the definition."""
     W, X, H = layer_with_hessian(out=8, n=96, tokens=500)
@@ -532,6 +554,29 @@ def test_clip_scored_by_the_layer_loss_is_never_worse_than_min_max():
         assert scored <= min(minmax, unweighted) * (1 + 1e-6), (bits, group, scored, minmax, unweighted)
         assert torch.isclose(scored, bq.recon_loss_trace(W, bq.dequantize(*bq.quantize(W, bq.QuantConfig(bits, group),
                                                                                        H=H), group), I, H), rtol=1e-4)
+
+
+def test_learned_clips_start_where_the_clip_search_ends():
+    """clip_logits: sigmoid(gamma) is, per group, the shrink p in {1, 0.99, ..., 0.2} of [min, max] with the least
+    squared rounding error (the first such p from 1 down; here by brute force), capped at 0.99, on both ends."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 96, generator=g) * torch.rand(6, 96, generator=g)
+    for bits, group in ((2, 32), (3, 0)):
+        p = torch.sigmoid(bq.clip_logits(W, bq.QuantConfig(bits, group)))
+        G = bq.ngroups(96, group)
+        assert p.shape == (2, 6, G) and torch.equal(p[0], p[1])
+        for r in range(6):
+            for j in range(G):
+                w = W[r].view(G, -1)[j]
+                best, keep = float("inf"), None
+                for i in range(81):
+                    lo, hi = min(w.min().item() * (1 - i / 100), 0.0), max(w.max().item() * (1 - i / 100), 0.0)
+                    sc = torch.tensor(max((hi - lo) / (2 ** bits - 1), 1e-5)).half().float()
+                    zr = torch.round(-torch.tensor(lo) / sc)
+                    err = ((torch.clamp(torch.round(w / sc) + zr, 0, 2 ** bits - 1) - zr) * sc - w).pow(2).sum().item()
+                    if err < best:
+                        best, keep = err, 1 - i / 100
+                assert abs(p[0, r, j].item() - min(keep, 0.99)) < 1e-6, (bits, group, r, j)
 
 
 def tiny_block(dim=24, hidden=40, seed=0):
@@ -757,19 +802,52 @@ def test_kl_objective_moves_every_angle_and_factor_and_lowers_the_kl(tmp_path):
 
 
 @needs_shared
-def test_killed_kl_objective_run_resumes_with_its_learned_transforms(tmp_path, monkeypatch):
-    """The kl objective's transforms are kept in OUT.partial/: a run killed in block 3 resumes without learning
-    them again and writes the file an uninterrupted run writes."""
-    out, argv = tiny_calibrate(tmp_path, "--objective", "kl", "--steps", "4")
+@pytest.mark.parametrize("rotation", ["butterfly", "hadamard"])
+def test_kl_objective_with_learned_clips_moves_every_clip_factor_and_lowers_the_kl(rotation):
+    """--lwc under the kl objective, with a learned butterfly and with a fixed Hadamard (clips only): Adam moves a
+    parameter only where its gradient is non-zero, so every clip factor leaving its start (the clip search's) shows
+    that the KL's gradient reaches it; the straight-through model's KL falls."""
+    model, ref = llama.load(STORIES)[0], llama.load(STORIES)[0]
+    samples = torch.randint(1, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    cc = calibrate.CalibConfig(ckpt=STORIES, rotation=rotation)
+    qc = bq.QuantConfig(2, 32, gptq=False)
+    transforms, gammas, res = calibrate.learn_kl(model, ref, samples, cc, qc, bq.LearnConfig(objective="kl", lwc=True,
+                                                                                             steps=4))
+    assert res["kl_after"] < res["kl_before"]
+    assert len(transforms) == (20 if rotation == "butterfly" else 0) and len(gammas) == 5 * 7
+    for l, name in gammas:
+        lin = model.layers[l].get_submodule(name)
+        slot = next(i for i, (_, names) in enumerate(llama.SITES) if name in names)
+        M = (transforms[(l, llama.SITES[slot][0])].matrix() if rotation == "butterfly" else
+             bq.fixed_matrix(lin.in_features, "hadamard", 4 * l + slot))
+        start = bq.clip_logits(lin.weight.detach().float() @ M.T, qc)
+        assert (gammas[(l, name)] - start).abs().min() > 0, (l, name)
+
+
+@needs_shared
+@pytest.mark.parametrize("lwc", [False, True])
+def test_killed_kl_objective_run_resumes_with_its_learned_transforms(tmp_path, monkeypatch, lwc):
+    """The kl objective's transforms (and learned clip factors) are kept in OUT.partial/: a run killed in block 3
+    resumes without learning them again and writes the file an uninterrupted run writes; with --lwc, the file's
+    ranges are those the kept clip factors set on the rotated weights."""
+    out, argv = tiny_calibrate(tmp_path, "--objective", "kl", "--steps", "4", *(["--lwc"] if lwc else []))
     clean = str(tmp_path / "clean.safetensors")
     calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
     killed_in_block_3(argv, monkeypatch)
     assert sorted(os.listdir(out + ".partial")) == ["block_000.safetensors", "block_001.safetensors",
                                                     "kl_transforms.safetensors", "settings.json"]
-    monkeypatch.setattr(calibrate, "learn_kl_transforms", None)     # resumed: read back, not learned again
+    kept = load_file(os.path.join(out + ".partial", "kl_transforms.safetensors"))
+    monkeypatch.setattr(calibrate, "learn_kl", None)     # resumed: read back, not learned again
     calibrate.main(argv)
     a, b = load_file(out), load_file(clean)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if lwc:
+        fp, entries = llama.load(STORIES)[0], llama.read_safetensors(out, tensors=False)[0]["transforms"]
+        for l in (0, 4):
+            T = kernels.OnlineTransform(entries[f"layers.{l}.attention.rot_qkv"], a[f"layers.{l}.attention.rot_qkv.theta"])
+            Wr = T(fp.layers[l].attention.wv.weight.detach().float())       # rows T w: W T^T
+            _, s, _ = bq.quantize(Wr, bq.QuantConfig(2, 32), gamma=kept[f"layers.{l}.attention.wv.gamma"])
+            assert torch.allclose(a[f"layers.{l}.attention.wv.scales"].float(), s, rtol=2e-3)     # fp16 and T's rounding
 
 
 def test_scales_of_frozen_codes_get_finite_difference_gradients():
@@ -1233,13 +1311,15 @@ def test_data_free_defaults_apply_only_without_calibration_text(tmp_path, monkey
 
 def test_default_objective_is_kl_for_rtn_layer_for_gptq_block_with_learned_clips(tmp_path):
     """The measured winner per final quantizer (README): kl under RTN, the paper's layer objective under GPTQ;
-    --lwc is learned by the block objective only, so it implies that objective and no other takes it."""
+    --lwc is learned by the block and kl objectives, so under GPTQ it implies the block objective and the others
+    refuse it."""
     def objective(*flags):
         return calibrate.parse_args(["--device", "cpu", "--out", str(tmp_path / "q.safetensors"), *flags])[2].objective
-    assert (objective(), objective("--rtn"), objective("--rtn", "--lwc")) == ("layer", "kl", "block")
+    assert (objective(), objective("--rtn"), objective("--lwc"), objective("--rtn", "--lwc")) == \
+        ("layer", "kl", "block", "kl")
     assert objective("--rtn", "--objective", "layer") == "layer"
     for flags in (("--objective", "gptq", "--lwc"), ("--rtn", "--optim", "sgd")):
-        with pytest.raises(calibrate.UserError, match="block objective only|default objective is kl"):
+        with pytest.raises(calibrate.UserError, match="block and kl objectives only|default objective is kl"):
             objective(*flags)
 
 
@@ -1736,7 +1816,10 @@ BAD_INPUTS = {
     "cal sweep with finetune": ("--sweep runs its own", lambda c, q: cal(c, None, "--sweep", "--finetune", "2")),
     "cal kl objective from best": ("kl objective", lambda c, q: cal(c, None, "--objective", "kl", "--init", "best")),
     "cal partial kl transforms truncated": ("kl_transforms", lambda c, q: partial_kl_edit(c)),
-    "cal lwc with the gptq objective": ("block objective only", lambda c, q: cal(c, None, "--objective", "gptq", "--lwc")),
+    "cal lwc with the gptq objective": ("block and kl objectives only", lambda c, q: cal(c, None, "--objective", "gptq",
+                                                                                         "--lwc")),
+    "cal lwc on a fixed rotation by the block objective": ("kl objective only", lambda c, q: cal(
+        c, None, "--rotation", "hadamard", "--objective", "block", "--lwc")),
     "cal rtn's default objective with sgd": ("--objective", lambda c, q: cal(c, None, "--rtn", "--optim", "sgd")),
 }
 
