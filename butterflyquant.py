@@ -485,7 +485,7 @@ def quantize_rotated(W, H, M, cfg: QuantConfig, gamma=None):
     Wr = W @ M.T
     if cfg.gptq:
         return gptq(Wr, M @ H @ M.T, cfg, act_order=cfg.act_order, gamma=gamma)
-    return quantize(Wr, cfg, H=M @ H @ M.T, gamma=gamma)
+    return quantize(Wr, cfg, H=None if gamma is not None else M @ H @ M.T, gamma=gamma)   # learned ranges need no H
 
 
 @torch.no_grad()
