@@ -383,6 +383,26 @@ def gptq_column_weights(H, percdamp=0.01):
     return torch.diagonal(torch.linalg.cholesky(Hd.flip(0, 1))).flip(0).pow(2)
 
 
+def gptq_feedback(H, percdamp=0.01):
+    """F (n, n): GPTQ leaves the weight error W - Q = Delta F, Delta (R, n) being each column's rounding error
+    as it is quantized (after the errors of the columns before it were pushed onto it). With the damped
+    H^-1 = U^T U, U upper triangular and D = diag(U), column i's error Delta_i / U_ii goes to columns j >= i
+    times U_ij, so F = D^-1 U, and (W - Q) H (W - Q)^T = Delta D^-2 Delta^T. H is damped as gptq() damps it."""
+    H = H.clone().float()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    H += percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return U / torch.diagonal(U)[:, None]
+
+
+def fake_quant_gptq_ste(w, F, cfg: QuantConfig, gamma=None):
+    """A differentiable stand-in for GPTQ: w - Delta F with F = gptq_feedback(H), and the straight-through RTN
+    error Delta = w - fake_quant_ste(w) in place of the rounding error of GPTQ's updated columns (the same grid,
+    errors of the same size). Its output error has GPTQ's shape, pushed where H is small."""
+    return w - (w - fake_quant_ste(w, cfg, gamma)) @ F
+
+
 def gptq_proxy_loss(Wr, d, cfg, base):
     """GPTQ's expected layer loss for the rotated weights Wr = W T^T (R, n) and d = gptq_column_weights(T H T^T),
     relative to base = trace(W H W^T). Each column's error is taken as uniform over its group's step s:
@@ -435,7 +455,10 @@ class LearnConfig:
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
     lwc: bool = False         # block and kl objectives: also learn per-group clip factors (used by RTN and GPTQ)
     clip_lr: Optional[float] = None  # their learning rate (Adam; block: 5e-3 from 0.98, kl: 1e-2 from the search)
-    refresh: int = 10         # gptq objective: steps between recomputations of d(T H T^T) (an O(n^3) Cholesky)
+    refresh: int = 10         # gptq objective and kl's gptq stand-in: steps between recomputations of
+                              # d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky)
+    kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips)
+                               # or gptq (fake_quant_gptq_ste, on the clip search's grid or the learned clips)
 
     def __post_init__(self):
         defaults = dict(layer=("best", 30, 0.5, "sgd"), gptq=("rhadamard", 300, 0.02, "adam"),
@@ -457,6 +480,10 @@ class LearnConfig:
         if self.objective == "kl" and (self.init == "best" or self.optim != "adam"):
             raise ValueError("the kl objective starts every site from one --init (identity, hadamard, rhadamard or "
                              "random; 'best' needs a layer loss) and learns with adam")
+        if self.kl_quantizer not in ("rtn", "gptq"):
+            raise ValueError(f"unknown kl quantizer {self.kl_quantizer!r}")
+        if self.kl_quantizer == "gptq" and self.objective != "kl":
+            raise ValueError("the gptq stand-in (--kl_quantizer gptq) is the kl objective's only")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optim!r}")
         if self.steps < 0 or self.rows < 0 or self.checkpoints < 1:

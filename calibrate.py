@@ -250,6 +250,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if lc.lwc and cc.rotation != "butterfly" and lc.objective != "kl":
         raise UserError(f"--lwc with --rotation {cc.rotation}: a fixed rotation's clip factors are learned by the kl "
                         f"objective only (--objective kl)")
+    if lc.kl_quantizer == "gptq" and not qc.gptq:
+        raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or keep --kl_quantizer rtn")
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
@@ -429,11 +431,14 @@ def kl_setup(model, ref, samples, seed, device):
     return kl, order, probe
 
 
-def descend_kl(kl, order, params, steps, lr, label, t0):
-    """Adam, cosine-decayed, on kl(chunk), one chunk per step in `order` (cycled)."""
+def descend_kl(kl, order, params, steps, lr, label, t0, refresh=None):
+    """Adam, cosine-decayed, on kl(chunk), one chunk per step in `order` (cycled); refresh = (k, fn): fn() before
+    every k-th step after the first."""
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     for step in range(1, steps + 1):
+        if refresh and step > 1 and (step - 1) % refresh[0] == 0:
+            refresh[1]()
         loss = kl(order[(step - 1) % len(order)])
         try:
             bq.descend(opt, sched, loss, step)
@@ -506,21 +511,49 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 #
 #   min_{T}  KL( p(. | fp model)  ||  p(. | model with every linear y = Q(W T_s^T) (T_s x)) ),  Q straight-through RTN
 #
-# SpinQuant learns its rotations this way (then quantizes with GPTQ), OSTQuant with KL as here. The transforms
-# are then fixed, and the block loop quantizes Q(W T^T) with the final quantizer (GPTQ on T H T^T, or RTN).
+# or, with kl_quantizer gptq, Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error model, H_s from the
+# unquantized model's inputs at site s. SpinQuant learns its rotations this way (then quantizes with GPTQ),
+# OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with the final
+# quantizer (GPTQ on T H T^T, or RTN).
 
 class FakeQuantLinear(nn.Module):
     """y = x Q(W T^T)^T, the rows of Q(W T^T) being Q(T w): the site's slot applies T to x online, so y = W x up
     to Q's error, and gradients reach T through both, and the clip factors sigmoid(gamma) (2, out, groups) when
-    given."""
+    given. With `feedback` = F(T H T^T) set, Q is GPTQ's stand-in (bq.fake_quant_gptq_ste) on the grid of the
+    learned clip factors, else of the fixed ones in `grid`."""
 
     def __init__(self, weight, T, qc, gamma=None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.T, self.qc, self.gamma = T, qc, gamma
+        self.feedback = self.grid = None
 
     def forward(self, x):   # (..., in) -> (..., out)
-        return F.linear(x, bq.fake_quant_ste(self.T(self.weight), self.qc, self.gamma))
+        Wr = self.T(self.weight)                                                            # (out, in)
+        if self.feedback is None:
+            return F.linear(x, bq.fake_quant_ste(Wr, self.qc, self.gamma))
+        return F.linear(x, bq.fake_quant_gptq_ste(Wr, self.feedback, self.qc,
+                                                  self.gamma if self.gamma is not None else self.grid))
+
+
+@torch.no_grad()
+def site_hessians(model, samples, device):
+    """H = X X^T / N at every site of `model` over the calibration samples (one at a time): {(layer, slot): H}."""
+    acc, hooks, t0 = {}, [], time.time()
+    for l, block in enumerate(model.layers):
+        for slot, linears in SITES:
+            def hook(mod, inp, key=(l, slot)):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+                acc[key] = acc.get(key, 0) + x.T @ x
+            hooks.append(block.get_submodule(linears[0]).register_forward_pre_hook(hook))
+    try:
+        for i in range(len(samples)):
+            model(samples[i:i + 1].to(device))
+            evaluation.progress_line("kl objective: collecting H", i + 1, len(samples), t0, "samples", keep=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (v / samples.numel()).float() for k, v in acc.items()}
 
 
 def learn_kl(model, ref, samples, cc, qc, lc):
@@ -531,9 +564,11 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     Returns ({(layer, slot): Transform} learned, {(layer, linear): gamma}, dict(kl_before, kl_after, seconds))."""
     t0, dev = time.time(), cc.device
     kl, order, probe = kl_setup(model, ref, samples, cc.seed, dev)
-    transforms, gammas, swaps = {}, {}, []      # swaps: (name, new, original)
-    for l, block in enumerate(model.layers):
+    transforms, gammas, swaps, sites = {}, {}, [], []      # swaps: (name, new, original); sites: (T, key, linears)
+    for block in model.layers:
         block.float()
+    hessians = site_hessians(model, samples, dev) if lc.kl_quantizer == "gptq" else None
+    for l, block in enumerate(model.layers):
         for s_i, (slot, linears) in enumerate(SITES):
             n, seed = block.get_submodule(linears[0]).in_features, cc.seed * 1000003 + 4 * l + s_i
             if cc.rotation == "butterfly":
@@ -550,12 +585,28 @@ def learn_kl(model, ref, samples, cc, qc, lc):
                     with torch.no_grad():
                         gammas[(l, name)] = bq.clip_logits(T(W), qc).requires_grad_(True)
                 swaps.append((f"layers.{l}.{name}", FakeQuantLinear(W, T, qc, gammas.get((l, name))), lin))
+            sites.append((T, (l, slot), [new for _, new, _ in swaps[-len(linears):]]))
+
+    @torch.no_grad()
+    def refresh():      # the gptq stand-in's F(T H T^T), and its grid where no clip factors are learned
+        for T, key, fakes in sites:
+            M = T.matrix() if isinstance(T, bq.Transform) else T.M if isinstance(T, llama.OnlineTransform) else None
+            feedback = bq.gptq_feedback(hessians[key] if M is None else M @ hessians[key] @ M.T)
+            for f in fakes:
+                f.feedback = feedback
+                if f.gamma is None:
+                    f.grid = bq.clip_logits(T(f.weight), qc)
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
+    every = (lc.refresh, refresh) if hessians is not None else None
     with swapped(model, swaps, str(dev).startswith("cuda")):
+        if every:
+            refresh()
         before = probe()
         start = [copy.deepcopy(T.state_dict()) for T in transforms.values()], [g.detach().clone() for g in gammas.values()]
-        descend_kl(kl, order, [g for g in groups if g["params"]], lc.steps, lc.lr, "kl objective", t0)
+        descend_kl(kl, order, [g for g in groups if g["params"]], lc.steps, lc.lr, "kl objective", t0, every)
+        if every:
+            refresh()
         after = probe()
         if not after <= before:
             for T, state in zip(transforms.values(), start[0]):
@@ -568,7 +619,7 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     for t in list(transforms.values()) + list(gammas.values()):
         t.requires_grad_(False)
     res = dict(kl_before=round(before, 5), kl_after=round(after, 5), seconds=round(time.time() - t0, 1))
-    evaluation.say(f"kl objective: {lc.steps} steps, KL of the straight-through RTN model on 4 chunks "
+    evaluation.say(f"kl objective: {lc.steps} steps, KL of the straight-through {lc.kl_quantizer.upper()} model on 4 chunks "
                    f"{res['kl_before']:.4f} -> {res['kl_after']:.4f}, {evaluation.fmt_time(res['seconds'])}")
     return transforms, gammas, res
 
@@ -654,6 +705,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-kl", dict(rotation="butterfly", objective="kl")),
               ("hadamard-kl-lwc", dict(rotation="hadamard", objective="kl", lwc=True)),     # clip factors only
               ("butterfly-kl-lwc", dict(rotation="butterfly", objective="kl", lwc=True)),
+              ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
               ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq")),
               ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl"))]
@@ -662,7 +714,8 @@ SWEEP_FINETUNE = 80         # end-to-end steps of the -e2e rows, 1024 tokens eac
 SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "gptq", seed=seed,
                                                 **({"base": f"w{b}g{g}-{q}-{row['base']}-s{seed}"} if "base" in row
                                                    else {})))
-         for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in SWEEP_SEEDS]
+         for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in SWEEP_SEEDS
+         if q == "gptq" or row.get("kl_quantizer") != "gptq"]
 
 
 def sweep_rows(only=()):
@@ -697,7 +750,8 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
                 r[name] = dict(ppl=evaluation.perplexity(fp, ids, cc.seqlen, eval_limit))
         else:
             qrow = replace(qc, bits=row["bits"], group=row["group"], gptq=row["gptq"])
-            lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False))
+            lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False),
+                                  kl_quantizer=row.get("kl_quantizer", "rtn"))
             crow, out = replace(cc, rotation=row["rotation"], seed=row["seed"]), f"out/sweep-{tag}.safetensors"
             if "base" in row:       # the end-to-end pass on the base row's file (calibrated first if missing)
                 src = f"out/sweep-{row['base']}.safetensors"
@@ -785,8 +839,12 @@ def parse_args(argv=None):
                         "%d tokens each)" % FINETUNE_TOKENS)
     p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; gptq: 0.02, block and kl: "
                                                           "0.01, Adam)")
-    p.add_argument("--refresh", type=int, default=10, help="gptq objective: steps between recomputations of GPTQ's "
-                                                           "column weights")
+    p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq: steps between "
+                                                           "recomputations of GPTQ's column weights or feedback")
+    p.add_argument("--kl_quantizer", default="rtn", choices=["rtn", "gptq"],
+                   help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips), or "
+                        "gptq: RTN's rounding error pushed forward through GPTQ's feedback F(T H T^T), on the clip "
+                        "search's grid")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
     p.add_argument("--lwc", action="store_true",
@@ -843,7 +901,8 @@ def parse_args(argv=None):
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
         lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, objective,
-                            a.block_batch, a.block_tokens, a.lwc, a.clip_lr, refresh=a.refresh)
+                            a.block_batch, a.block_tokens, a.lwc, a.clip_lr, refresh=a.refresh,
+                            kl_quantizer=a.kl_quantizer)
     except ValueError as e:
         hint = f" (--rtn's default objective is {objective}: name another with --objective)" if a.objective is None \
             and not a.gptq else ""
