@@ -391,9 +391,14 @@ def gptq_feedback(H, percdamp=0.01):
     H = H.clone().float()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
-    H += percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], device=H.device)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = gptq_hinv_factor(H, percdamp)
     return U / torch.diagonal(U)[:, None]
+
+
+def gptq_hinv_factor(H, percdamp=0.01):
+    """U upper triangular with U^T U = (H + percdamp * mean(diag H) I)^-1: the rows GPTQ pushes errors along."""
+    H = H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
 
 def fake_quant_gptq_ste(w, F, cfg: QuantConfig, gamma=None):
@@ -665,8 +670,7 @@ def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False, 
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = gptq_hinv_factor(H, percdamp)
     Q = torch.zeros(R, n, device=W.device)
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
