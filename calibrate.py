@@ -708,7 +708,9 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
               ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq")),
-              ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl"))]
+              ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl")),
+              ("butterfly-klgptq-e2e", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq",
+                                            base="butterfly-klgptq"))]
 SWEEP_SEEDS = (0, 1, 2)
 SWEEP_FINETUNE = 80         # end-to-end steps of the -e2e rows, 1024 tokens each
 SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "gptq", seed=seed,

@@ -968,8 +968,9 @@ def test_sweep_only_selects_full_row_names_exactly():
     tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]            # noqa: E731
     assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
-    assert len(tags([])) == 1 + (4 * 13 + 2) * 3 and len(set(tags([]))) == len(tags([]))
-    assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq-s{s}" for c in ("2g64", "3g128") for s in (0, 1, 2)]
+    assert len(tags([])) == 1 + (4 * 13 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
+    assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq{e}-s{s}" for c in ("2g64", "3g128")
+                                         for e in ("", "-e2e") for s in (0, 1, 2)]      # the stand-in rows: GPTQ cells
     e2e = dict(calibrate.sweep_rows(["w2g64-gptq-hadamard-e2e-s1"]))
     assert list(e2e) == ["fp", "w2g64-gptq-hadamard-e2e-s1"] and e2e["w2g64-gptq-hadamard-e2e-s1"]["base"] == \
         "w2g64-gptq-hadamard-s1"        # the end-to-end row starts from its base row's file, same seed
