@@ -538,7 +538,9 @@ class FakeQuantLinear(nn.Module):
 
 @torch.no_grad()
 def site_hessians(model, samples, device):
-    """H = X X^T / N at every site of `model` over the calibration samples (one at a time): {(layer, slot): H}."""
+    """H = X X^T / N at every site of `model` over the calibration samples (one at a time): {(layer, slot): H},
+    summed in float64 on `device`, returned in float32 in host memory: sum(n^2) floats (22 GB for LLaMA-2-7B) that
+    need not sit on the device beside the two models while the objective learns."""
     acc, hooks, t0 = {}, [], time.time()
     for l, block in enumerate(model.layers):
         for slot, linears in SITES:
@@ -553,7 +555,7 @@ def site_hessians(model, samples, device):
     finally:
         for h in hooks:
             h.remove()
-    return {k: (v / samples.numel()).float() for k, v in acc.items()}
+    return {k: (acc.pop(k) / samples.numel()).float().cpu() for k in list(acc)}
 
 
 def learn_kl(model, ref, samples, cc, qc, lc):
@@ -567,7 +569,11 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     transforms, gammas, swaps, sites = {}, {}, [], []      # swaps: (name, new, original); sites: (T, key, linears)
     for block in model.layers:
         block.float()
-    hessians = site_hessians(model, samples, dev) if lc.kl_quantizer == "gptq" else None
+    hessians = None
+    if lc.kl_quantizer == "gptq":       # the reference waits in host memory while the float64 sums take its place
+        ref.cpu()
+        hessians = site_hessians(model, samples, dev)
+        ref.to(dev)
     for l, block in enumerate(model.layers):
         for s_i, (slot, linears) in enumerate(SITES):
             n, seed = block.get_submodule(linears[0]).in_features, cc.seed * 1000003 + 4 * l + s_i
@@ -591,7 +597,8 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     def refresh():      # the gptq stand-in's F(T H T^T), and its grid where no clip factors are learned
         for T, key, fakes in sites:
             M = T.matrix() if isinstance(T, bq.Transform) else T.M if isinstance(T, llama.OnlineTransform) else None
-            feedback = bq.gptq_feedback(hessians[key] if M is None else M @ hessians[key] @ M.T)
+            H = hessians[key].to(dev)                                                       # (n, n)
+            feedback = bq.gptq_feedback(H if M is None else M @ H @ M.T)
             for f in fakes:
                 f.feedback = feedback
                 if f.gamma is None:
