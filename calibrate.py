@@ -728,10 +728,12 @@ SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "
 
 
 def sweep_rows(only=()):
-    """The grid's rows (fp first) that `only` selects: a full row name selects itself alone
-    (w2g64-rtn-butterfly-block-s0 is not w2g64-rtn-butterfly-block-lwc-s0); any other string matches as a substring."""
+    """The grid's rows (fp first) that `only` selects: a full tag selects itself alone, a row without its seed
+    its seeds alone (w2g64-gptq-hadamard: not w2g64-gptq-hadamard-e2e-s0); any other string matches as a substring."""
     tags = {t for t, _ in SWEEP}
-    return [("fp", None)] + [(t, x) for t, x in SWEEP if not only or any(o == t if o in tags else o in t for o in only)]
+    rows = {t.rsplit("-s", 1)[0] for t in tags}
+    return [("fp", None)] + [(t, x) for t, x in SWEEP if not only or any(
+        o == t if o in tags else o == t.rsplit("-s", 1)[0] if o in rows else o in t for o in only)]
 
 
 def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.jsonl")):
@@ -889,7 +891,8 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress lines (sampling, blocks, windows)")
     p.add_argument("--sweep", action="store_true", help="run the README's results grid (resumable, out/sweep.jsonl)")
     p.add_argument("--sweep_only", default=None,
-                   help="comma-separated sweep rows to run: full row names, or substrings such as w2g64")
+                   help="comma-separated sweep rows to run: full tags (w2g64-gptq-hadamard-s0), a row's "
+                        "seeds (w2g64-gptq-hadamard), or substrings such as w2g64")
     a = p.parse_args(argv)
     on_gpu = a.device.startswith("cuda")
     data_free_cpu = not on_gpu and a.calib is None and evaluation.find_dataset("wikitext2", "calib") is None

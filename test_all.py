@@ -968,6 +968,8 @@ def test_sweep_only_selects_full_row_names_exactly():
     tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]            # noqa: E731
     assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
+    assert tags(["w2g64-gptq-hadamard"]) == ["fp"] + [f"w2g64-gptq-hadamard-s{s}" for s in (0, 1, 2)]  # no -e2e, -kl-lwc
+    assert len(tags(["w2g64-gptq"])) == 1 + (13 + 2) * 3        # a cell: every row of it
     assert len(tags([])) == 1 + (4 * 13 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
     assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq{e}-s{s}" for c in ("2g64", "3g128")
                                          for e in ("", "-e2e") for s in (0, 1, 2)]      # the stand-in rows: GPTQ cells
