@@ -357,9 +357,9 @@ def fake_quant_ste(w, cfg: QuantConfig, gamma=None):
 
 def kl_divergence(logp_ref, logp):
     """KL(ref || model) per position, (..., V) log-probabilities -> (...): sum_v p_ref (log p_ref - log p),
-    with 0 log 0 = 0 where p_ref = 0."""
+    with 0 log 0 = 0 where p_ref = 0 (a NaN stays NaN: a broken reference must not read as a perfect match)."""
     p = logp_ref.exp()
-    return torch.where(p > 0, p * (logp_ref - logp), 0.0).sum(-1)
+    return torch.where(p == 0, 0.0, p * (logp_ref - logp)).sum(-1)
 
 
 def recon_loss_direct(W, What, T, X):

@@ -12,8 +12,9 @@ For each block, in order:
   2. learn and quantize: T per site (butterflyquant.learn_transform), then Q(W T^T) with the final quantizer
      (GPTQ on T H T^T, or RTN with clip search); the block becomes its quantized self (llama.install_quantized_block);
   3. write: the block's tensors to OUT.partial/ (a killed run resumes there), and at the end the whole file.
-With --objective kl (the default with --rtn), every T is learned first, on the whole model's next-token KL, and
-step 2 only quantizes.
+With --objective kl (the default), every T is learned first, on the whole model's next-token KL under a
+straight-through stand-in for the final quantizer, and step 2 only quantizes; the per-site objectives (layer: the
+paper's, gptq, block) learn T in step 2.
 The same code path runs the baselines (--rotation none / hadamard / random), so the comparison is fair.
 """
 import argparse
@@ -44,6 +45,7 @@ from llama import SITES, UserError
 SHARED_DATA = evaluation.SHARED_DATA
 DATA_FREE_CPU = (16, 512)     # nsamples, seqlen sampled on a CPU without calibration text: the first run in minutes
 REPORT_CPU, REPORT_GPU = (8, 512), (32, 2048)     # the quality report's sampled text when no evaluation text is found
+NON_FINITE = "non-finite activations (NaN/inf) in the calibration forward pass: check the checkpoint"
 LOWER_LR = "lower --lr and delete the .partial folder beside --out (its blocks were made with this --lr)"
 SHORT = {"attention.rot_qkv": "qkv", "attention.rot_o": "o", "feed_forward.rot_up": "up", "feed_forward.rot_down": "down"}
 
@@ -121,7 +123,7 @@ def run_block(block, X, cos, sin, cc, capture=False, label=""):
         for h in hooks:
             h.remove()
     if not torch.isfinite(out).all():
-        raise UserError("non-finite activations (NaN/inf) in the calibration forward pass: check the checkpoint")
+        raise UserError(NON_FINITE)
     for st in stats.values():
         st["H"] = (st["H"] / st["count"]).float()
         st["sub"] = torch.cat(st["sub"])[: cc.unif_tokens].to(dev)
@@ -555,6 +557,8 @@ def site_hessians(model, samples, device):
     finally:
         for h in hooks:
             h.remove()
+    if not all(torch.isfinite(h).all() for h in acc.values()):
+        raise UserError(NON_FINITE)
     return {k: (acc.pop(k) / samples.numel()).float().cpu() for k in list(acc)}
 
 
@@ -610,6 +614,8 @@ def learn_kl(model, ref, samples, cc, qc, lc):
         if every:
             refresh()
         before = probe()
+        if not math.isfinite(before):
+            raise UserError(NON_FINITE)
         start = [copy.deepcopy(T.state_dict()) for T in transforms.values()], [g.detach().clone() for g in gammas.values()]
         descend_kl(kl, order, [g for g in groups if g["params"]], lc.steps, lc.lr, "kl objective", t0, every)
         if every:
@@ -817,7 +823,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>-<settings>.safetensors)")
     p.add_argument("--rotation", default="butterfly", choices=["none", "hadamard", "random", "butterfly"])
     p.add_argument("--init", default=None, choices=["identity", "hadamard", "rhadamard", "random", "best"],
-                   help="butterfly start (default: gptq objective rhadamard, else best); 'best' starts from the "
+                   help="butterfly start (default: gptq and kl objectives rhadamard, else best); 'best' starts from the "
                         "better of identity and hadamard per site; 'rhadamard': pi/4 + k pi/2 with random k, a "
                         "randomised Hadamard")
     p.add_argument("--bits", "--w_bits", "--wbits", type=int, default=3, help="weight bits (2, 3, 4, 8)")
@@ -843,8 +849,8 @@ def parse_args(argv=None):
                    help="layer: each site alone, trace(E H E^T) under straight-through RTN (the paper's); gptq: each "
                         "site alone, GPTQ's expected loss; block: a block's four transforms jointly on the block's "
                         "output MSE; kl: every transform at once, before quantizing, on KL(unquantized || "
-                        "straight-through RTN) of the next-token distribution (default: kl with --rtn, where it wins "
-                        "on 3 seeds, else layer; block with --lwc and GPTQ)")
+                        "straight-through RTN, or GPTQ's stand-in: --kl_quantizer) of the next-token distribution "
+                        "(default: kl, against the final quantizer's stand-in; it wins in every cell measured)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimisation steps per site (layer: 30, gptq: 300), block (block: 20) or model (kl: 80, "
                         "%d tokens each)" % FINETUNE_TOKENS)
@@ -852,10 +858,10 @@ def parse_args(argv=None):
                                                           "0.01, Adam)")
     p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq: steps between "
                                                            "recomputations of GPTQ's column weights or feedback")
-    p.add_argument("--kl_quantizer", default="rtn", choices=["rtn", "gptq"],
+    p.add_argument("--kl_quantizer", default=None, choices=["rtn", "gptq"],
                    help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips), or "
                         "gptq: RTN's rounding error pushed forward through GPTQ's feedback F(T H T^T), on the clip "
-                        "search's grid")
+                        "search's grid or the learned clips (default: the final quantizer's, gptq unless --rtn)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
     p.add_argument("--lwc", action="store_true",
@@ -909,15 +915,15 @@ def parse_args(argv=None):
     if not 0 <= cc.seed < 2 ** 32 or (a.eval_limit is not None and a.eval_limit < 1):
         raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
     llama.check_device(cc.device)
-    objective = a.objective or ("kl" if not a.gptq else "block" if a.lwc else "layer")
+    objective = a.objective or "kl"
+    kl_quantizer = a.kl_quantizer or ("gptq" if objective == "kl" and a.gptq else "rtn")
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
         lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, objective,
                             a.block_batch, a.block_tokens, a.lwc, a.clip_lr, refresh=a.refresh,
-                            kl_quantizer=a.kl_quantizer)
+                            kl_quantizer=kl_quantizer)
     except ValueError as e:
-        hint = f" (--rtn's default objective is {objective}: name another with --objective)" if a.objective is None \
-            and not a.gptq else ""
+        hint = f" (the default objective is {objective}: name another with --objective)" if a.objective is None else ""
         raise UserError(f"{e}{hint}") from None
     if a.sweep and (a.finetune or a.finetune_from):
         raise UserError("--sweep runs its own end-to-end rows (-e2e); drop --finetune and --finetune_from")
@@ -930,7 +936,8 @@ def parse_args(argv=None):
         a.out = a.out or a.finetune_from.removesuffix(".safetensors") + f"-e2e{cc.finetune}.safetensors"
     if a.out is None:
         tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
-            "" if lc.objective == "layer" else f"-{lc.objective}")) + ("-lwc" if lc.lwc else "")
+            "" if lc.objective == "layer" else f"-{lc.objective}") + (
+            "rtn" if lc.objective == "kl" and qc.gptq and lc.kl_quantizer == "rtn" else "")) + ("-lwc" if lc.lwc else "")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"

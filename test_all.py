@@ -770,7 +770,7 @@ def killed_in_block_3(argv, monkeypatch):
 
 @needs_shared
 def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monkeypatch):
-    out, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
+    out, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly", "--objective", "layer")
     clean = str(tmp_path / "clean.safetensors")
     calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
     killed_in_block_3(argv, monkeypatch)
@@ -1348,18 +1348,21 @@ def test_data_free_defaults_apply_only_without_calibration_text(tmp_path, monkey
     assert calibrate.parse_args(["--device", "cpu", "--nsamples", "3", "--seqlen", "64"])[0].nsamples == 3
 
 
-def test_default_objective_is_kl_for_rtn_layer_for_gptq_block_with_learned_clips(tmp_path):
-    """The measured winner per final quantizer (README): kl under RTN, the paper's layer objective under GPTQ;
-    --lwc is learned by the block and kl objectives, so under GPTQ it implies the block objective and the others
-    refuse it."""
-    def objective(*flags):
-        return calibrate.parse_args(["--device", "cpu", "--out", str(tmp_path / "q.safetensors"), *flags])[2].objective
-    assert (objective(), objective("--rtn"), objective("--lwc"), objective("--rtn", "--lwc")) == \
-        ("layer", "kl", "block", "kl")
-    assert objective("--rtn", "--objective", "layer") == "layer"
-    for flags in (("--objective", "gptq", "--lwc"), ("--rtn", "--optim", "sgd")):
-        with pytest.raises(calibrate.UserError, match="block and kl objectives only|default objective is kl"):
-            objective(*flags)
+def test_default_objective_is_kl_against_the_final_quantizers_stand_in(tmp_path):
+    """The measured winner in every cell (README): the kl objective, learned against straight-through RTN under --rtn
+    and against GPTQ's stand-in under GPTQ; a named objective keeps its own, --kl_quantizer gptq is refused without
+    the kl objective or under --rtn, and the default kl objective refuses SGD with a hint."""
+    def learn(*flags):
+        lc = calibrate.parse_args(["--device", "cpu", "--out", str(tmp_path / "q.safetensors"), *flags])[2]
+        return lc.objective, lc.kl_quantizer
+    assert (learn(), learn("--rtn"), learn("--lwc"), learn("--rtn", "--lwc")) == \
+        (("kl", "gptq"), ("kl", "rtn"), ("kl", "gptq"), ("kl", "rtn"))
+    assert learn("--kl_quantizer", "rtn") == ("kl", "rtn") and learn("--objective", "layer") == ("layer", "rtn")
+    for flags, match in ((("--objective", "gptq", "--lwc"), "block and kl objectives only"),
+                         (("--optim", "sgd"), "default objective is kl"),
+                         (("--objective", "layer", "--kl_quantizer", "gptq"), "kl objective's only")):
+        with pytest.raises(calibrate.UserError, match=match):
+            learn(*flags)
 
 
 @needs_shared
@@ -1823,6 +1826,10 @@ BAD_INPUTS = {
     "cal lr nan": ("learning rate", lambda c, q: cal(c, None, "--lr", "nan")),
     "cal weights that overflow": ("non-finite", lambda c, q: cal(c, c.tiny(edit=lambda sd: sd[
         "layers.0.feed_forward.w2.weight"].fill_(3e38)))),
+    "cal weights that overflow under rtn": ("non-finite", lambda c, q: cal(c, c.tiny(edit=lambda sd: sd[
+        "layers.0.feed_forward.w2.weight"].fill_(3e38)), "--rtn")),
+    "cal weights that overflow, layer objective": ("non-finite", lambda c, q: cal(c, c.tiny(edit=lambda sd: sd[
+        "layers.0.feed_forward.w2.weight"].fill_(3e38)), "--objective", "layer")),
     "cal unif_tokens zero": ("unif_tokens", lambda c, q: cal(c, None, "--unif_tokens", "0")),
     "cal seed negative": ("seed", lambda c, q: cal(c, None, "--seed", "-4")),
     "cal rotation bogus": ("rotation", lambda c, q: cal(c, None, "--rotation", "fourier")),
@@ -1862,7 +1869,7 @@ BAD_INPUTS = {
     "cal rtn's default objective with sgd": ("--objective", lambda c, q: cal(c, None, "--rtn", "--optim", "sgd")),
     "cal gptq stand-in under rtn": ("stands in for GPTQ", lambda c, q: cal(c, None, "--rtn", "--kl_quantizer", "gptq")),
     "cal gptq stand-in without the kl objective": ("kl objective's only", lambda c, q: cal(
-        c, None, "--kl_quantizer", "gptq")),
+        c, None, "--objective", "layer", "--kl_quantizer", "gptq")),
 }
 
 
@@ -1935,7 +1942,7 @@ def test_nan_loss_names_the_fix_and_an_early_one_leaves_nothing(tmp_path, monkey
                 raise bq.LearningError("NaN/inf loss at step 3 while learning a transform (learning rate 0.5)")
             return real(*a, **k)
         return learn
-    argv = cal(c, c.tiny())[1:]
+    argv = cal(c, c.tiny(), "--objective", "layer")[1:]
     for n, leftover in ((1, False), (5, True)):      # the first site of block 0; of block 1
         calls.clear()
         monkeypatch.setattr(bq, "learn_transform", nan_at_call(n))
