@@ -266,6 +266,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
         raise UserError(f"--group {qc.group}: wider than every linear's input (at most {max(args.dim, args.hidden_dim)}); "
                         f"0 is one group per row")
     llama.check_memory(3 * cc.nsamples * cc.seqlen * args.dim * 4, f"--nsamples {cc.nsamples} x --seqlen {cc.seqlen}")
+    if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
+        check_kl_memory(model, cc.device, lc.kl_quantizer == "gptq")
     for path in eval_files:     # fail now, not after calibrating
         evaluation.windows(evaluation.tokenize_corpus(tok, path), cc.seqlen)
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
@@ -560,6 +562,24 @@ def site_hessians(model, samples, device):
     if not all(torch.isfinite(h).all() for h in acc.values()):
         raise UserError(NON_FINITE)
     return {k: (acc.pop(k) / samples.numel()).float().cpu() for k in list(acc)}
+
+
+def check_kl_memory(model, device, stand_in):
+    """Refuse, before any work, a kl objective whose tensors alone outgrow the device (or, for H, host memory):
+    the model in fp32 and the reference in its own dtype, plus with the GPTQ stand-in F at every site, sum(n^2)
+    floats, while H waits in host memory (LLaMA-2-7B: 27 + 13 + 22 GB on the device, 22 GB of H in host memory)."""
+    params = list(model.parameters())
+    P, ref_bytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    n = [model.layers[0].get_submodule(names[0]).in_features for _, names in SITES]
+    sites = len(model.layers) * sum(k * k for k in n) * 4 if stand_in else 0
+    if stand_in:
+        llama.check_memory(sites, "the kl objective's GPTQ stand-in (H at every site, in host memory)")
+    if str(device).startswith("cuda"):
+        need, total = 4 * P + ref_bytes + sites, torch.cuda.get_device_properties(torch.device(device)).total_memory
+        if need > total:
+            raise UserError(f"the kl objective needs at least {need / 2 ** 30:.1f} GiB on {device} (the model in fp32, "
+                            f"the reference{', GPTQ feedback at every site' if stand_in else ''}), which has "
+                            f"{total / 2 ** 30:.1f} GiB: use --objective layer (one site at a time)")
 
 
 def learn_kl(model, ref, samples, cc, qc, lc):

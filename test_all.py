@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 import zipfile
 
 import numpy as np
@@ -857,6 +858,25 @@ def test_kl_objective_with_the_gptq_stand_in_moves_every_angle_and_lowers_its_kl
         s_i = [name for name, _ in llama.SITES].index(slot)
         _, theta0, _ = bq.Transform(T.n, "rhadamard", torch.Generator().manual_seed(4 * l + s_i)).export()
         assert (T.export()[1] - theta0).abs().min() > 0, (l, slot)
+
+
+@needs_shared
+def test_kl_objective_that_outgrows_the_device_is_refused_before_any_work(monkeypatch):
+    """The kl objective's tensors on the device: the model in fp32 (4 bytes a weight), the reference in its own dtype,
+    and with the GPTQ stand-in F at every site (stories260K: 5 blocks x (3 x 64^2 + 172^2) floats). A device one
+    byte short is refused with the way out; one that fits is not."""
+    model, _ = llama.load(STORIES)
+    weights = sum(t.numel() for t in torch.load(os.path.join(STORIES, "consolidated.00.pth"), weights_only=True).values())
+    ref = sum(p.numel() * p.element_size() for p in model.parameters())
+    for stand_in, sites in ((False, 0), (True, 4 * 5 * (3 * 64 ** 2 + 172 ** 2))):
+        need = 4 * weights + ref + sites
+        for total, refused in ((need - 1, True), (need, False)):
+            monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, t=total: types.SimpleNamespace(total_memory=t))
+            if refused:
+                with pytest.raises(llama.UserError, match="--objective layer"):
+                    calibrate.check_kl_memory(model, "cuda", stand_in)
+            else:
+                calibrate.check_kl_memory(model, "cuda", stand_in)
 
 
 @needs_shared
