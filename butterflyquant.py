@@ -451,11 +451,11 @@ class LearnConfig:
     lr: Optional[float] = None    # layer: 0.5 with SGD; gptq: 0.02, block and kl: 0.01 with Adam
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
     checkpoints: int = 1      # times per site the iterate is scored with the final quantizer (the best is kept)
-    optim: Optional[str] = None   # sgd (momentum 0.9) or adam, both cosine-decayed; layer: sgd, block: adam
-    lambda_unif: float = 0.0  # weight of the uniformity regulariser
+    optim: Optional[str] = None   # sgd (momentum 0.9) or adam, both cosine-decayed; layer: sgd; gptq, block, kl: adam
+    lambda_unif: float = 0.0  # weight of the uniformity regulariser (layer and gptq objectives)
     objective: str = "layer"  # layer: each site alone (trace loss); gptq: each site alone (GPTQ's expected
                               # loss); block: the four sites of a block jointly; kl: every site of the model
-                              # jointly on the next-token KL (calibrate.py: it needs the model)
+                              # jointly on the next-token KL (calibrate.py: it needs the model; its default)
     batch: int = 2            # block objective: sequences per step
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
     lwc: bool = False         # block and kl objectives: also learn per-group clip factors (used by RTN and GPTQ)
@@ -463,7 +463,8 @@ class LearnConfig:
     refresh: int = 10         # gptq objective and kl's gptq stand-in: steps between recomputations of
                               # d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky)
     kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips)
-                               # or gptq (fake_quant_gptq_ste, on the clip search's grid or the learned clips)
+                               # or gptq (fake_quant_gptq_ste, on the clip search's grid or the learned clips;
+                               # calibrate.py's default under GPTQ)
 
     def __post_init__(self):
         defaults = dict(layer=("best", 30, 0.5, "sgd"), gptq=("rhadamard", 300, 0.02, "adam"),

@@ -1,5 +1,6 @@
 """
-Learn one transform per linear-input site, block by block, then quantize the rotated weights.
+Learn one transform per linear-input site (by default all at once, on the model's next-token KL), then quantize
+the rotated weights block by block.
 
     python calibrate.py                                  # SmolLM2-135M, learned butterflies, W3 g128 GPTQ
     python calibrate.py --ckpt llama-2-7b --bits 2 --group 128
@@ -251,7 +252,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     finished block) and keeps them."""
     if lc.lwc and cc.rotation != "butterfly" and lc.objective != "kl":
         raise UserError(f"--lwc with --rotation {cc.rotation}: a fixed rotation's clip factors are learned by the kl "
-                        f"objective only (--objective kl)")
+                        f"objective only (the default: drop --objective)")
     if lc.kl_quantizer == "gptq" and not qc.gptq:
         raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or keep --kl_quantizer rtn")
     torch.manual_seed(cc.seed)
@@ -515,9 +516,9 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 #
 #   min_{T}  KL( p(. | fp model)  ||  p(. | model with every linear y = Q(W T_s^T) (T_s x)) ),  Q straight-through RTN
 #
-# or, with kl_quantizer gptq, Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error model, H_s from the
-# unquantized model's inputs at site s. SpinQuant learns its rotations this way (then quantizes with GPTQ),
-# OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with the final
+# or, with kl_quantizer gptq (the default under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error
+# model, H_s from the unquantized model's inputs at site s. SpinQuant learns its rotations this way (then quantizes
+# with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with the final
 # quantizer (GPTQ on T H T^T, or RTN).
 
 class FakeQuantLinear(nn.Module):
@@ -567,15 +568,17 @@ def site_hessians(model, samples, device):
 def check_kl_memory(model, device, stand_in):
     """Refuse, before any work, a kl objective whose tensors alone outgrow the device (or, for H, host memory):
     the model in fp32 and the reference in its own dtype, plus with the GPTQ stand-in F at every site, sum(n^2)
-    floats, while H waits in host memory (LLaMA-2-7B: 27 + 13 + 22 GB on the device, 22 GB of H in host memory)."""
+    floats, while H waits in host memory; before that, H summed in float64 on the device beside the model alone
+    (LLaMA-2-7B: 27 + 13 + 22 GB learning, 27 + 44 GB summing; 22 GB of H in host memory)."""
     params = list(model.parameters())
     P, ref_bytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     n = [model.layers[0].get_submodule(names[0]).in_features for _, names in SITES]
-    sites = len(model.layers) * sum(k * k for k in n) * 4 if stand_in else 0
+    sites = len(model.layers) * sum(k * k for k in n) * 4 if stand_in else 0       # bytes of F (or of H) in fp32
     if stand_in:
         llama.check_memory(sites, "the kl objective's GPTQ stand-in (H at every site, in host memory)")
     if str(device).startswith("cuda"):
-        need, total = 4 * P + ref_bytes + sites, torch.cuda.get_device_properties(torch.device(device)).total_memory
+        need = 4 * P + max(ref_bytes + sites, 2 * sites)
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         if need > total:
             raise UserError(f"the kl objective needs at least {need / 2 ** 30:.1f} GiB on {device} (the model in fp32, "
                             f"the reference{', GPTQ feedback at every site' if stand_in else ''}), which has "
@@ -735,7 +738,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-gptq", dict(rotation="butterfly", objective="gptq")),
               ("butterfly-block", dict(rotation="butterfly", objective="block")),
               ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True)),
-              ("butterfly-kl", dict(rotation="butterfly", objective="kl")),
+              ("butterfly-kl", dict(rotation="butterfly", objective="kl")),     # against min-max RTN in every cell
               ("hadamard-kl-lwc", dict(rotation="hadamard", objective="kl", lwc=True)),     # clip factors only
               ("butterfly-kl-lwc", dict(rotation="butterfly", objective="kl", lwc=True)),
               ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
@@ -889,13 +892,16 @@ def parse_args(argv=None):
                         "the final quantizer (RTN or GPTQ); with a fixed --rotation the kl objective learns only them")
     p.add_argument("--clip_lr", type=float, default=None, help="learning rate of the clip factors (Adam; block: "
                                                                "5e-3, kl: 1e-2)")
-    p.add_argument("--rows", type=int, default=512, help="output rows per step (stochastic); 0 = all")
-    p.add_argument("--checkpoints", type=int, default=1, help="times per site the iterate is scored with the "
-                                                                    "final quantizer (the best is kept)")
+    p.add_argument("--rows", type=int, default=512, help="layer and gptq objectives: output rows per step "
+                                                                     "(stochastic); 0 = all")
+    p.add_argument("--checkpoints", type=int, default=1, help="layer and gptq objectives: times per site the "
+                                                                    "iterate is scored with the final quantizer (the best is kept)")
     p.add_argument("--optim", default=None, choices=["sgd", "adam"],
-                   help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd, gptq and block adam)")
-    p.add_argument("--lambda_unif", type=float, default=0.0, help="weight of the uniformity regulariser")
-    p.add_argument("--unif_tokens", type=int, default=256, help="tokens per site kept for the regulariser")
+                   help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd; gptq, block and kl adam, kl only adam)")
+    p.add_argument("--lambda_unif", type=float, default=0.0, help="layer and gptq objectives: weight of the uniformity "
+                                                                          "regulariser")
+    p.add_argument("--unif_tokens", type=int, default=256, help="layer and gptq objectives: tokens per site "
+                                                                         "kept for the regulariser")
     p.add_argument("--finetune", type=int, default=0,
                    help="steps of the end-to-end pass after the last block: every group scale and learned transform "
                         "by Adam on KL(unquantized || quantized) over the calibration tokens, %d per step (0: none)"
