@@ -518,8 +518,8 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 #
 # or, with kl_quantizer gptq (the default under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error
 # model, H_s from the unquantized model's inputs at site s. SpinQuant learns its rotations this way (then quantizes
-# with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with the final
-# quantizer (GPTQ on T H T^T, or RTN).
+# with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with
+# the final quantizer (GPTQ on T H T^T, or RTN).
 
 class FakeQuantLinear(nn.Module):
     """y = x Q(W T^T)^T, the rows of Q(W T^T) being Q(T w): the site's slot applies T to x online, so y = W x up
@@ -892,16 +892,16 @@ def parse_args(argv=None):
                         "the final quantizer (RTN or GPTQ); with a fixed --rotation the kl objective learns only them")
     p.add_argument("--clip_lr", type=float, default=None, help="learning rate of the clip factors (Adam; block: "
                                                                "5e-3, kl: 1e-2)")
-    p.add_argument("--rows", type=int, default=512, help="layer and gptq objectives: output rows per step "
-                                                                     "(stochastic); 0 = all")
+    p.add_argument("--rows", type=int, default=512,
+                   help="layer and gptq objectives: output rows per step (stochastic); 0 = all")
     p.add_argument("--checkpoints", type=int, default=1, help="layer and gptq objectives: times per site the "
-                                                                    "iterate is scored with the final quantizer (the best is kept)")
+                                                              "iterate is scored with the final quantizer (the best is kept)")
     p.add_argument("--optim", default=None, choices=["sgd", "adam"],
-                   help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd; gptq, block and kl adam, kl only adam)")
-    p.add_argument("--lambda_unif", type=float, default=0.0, help="layer and gptq objectives: weight of the uniformity "
-                                                                          "regulariser")
-    p.add_argument("--unif_tokens", type=int, default=256, help="layer and gptq objectives: tokens per site "
-                                                                         "kept for the regulariser")
+                   help="sgd = momentum 0.9; both cosine-decayed (default: layer sgd, the others adam; kl takes adam only)")
+    p.add_argument("--lambda_unif", type=float, default=0.0,
+                   help="layer and gptq objectives: weight of the uniformity regulariser")
+    p.add_argument("--unif_tokens", type=int, default=256,
+                   help="layer and gptq objectives: tokens per site kept for the regulariser")
     p.add_argument("--finetune", type=int, default=0,
                    help="steps of the end-to-end pass after the last block: every group scale and learned transform "
                         "by Adam on KL(unquantized || quantized) over the calibration tokens, %d per step (0: none)"
