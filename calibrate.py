@@ -873,7 +873,7 @@ def parse_args(argv=None):
                         "site alone, GPTQ's expected loss; block: a block's four transforms jointly on the block's "
                         "output MSE; kl: every transform at once, before quantizing, on KL(unquantized || "
                         "straight-through RTN, or GPTQ's stand-in: --kl_quantizer) of the next-token distribution "
-                        "(default: kl, against the final quantizer's stand-in; it wins in every cell measured)")
+                        "(default: kl, against the final quantizer's stand-in; the best rotation in every cell measured)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimisation steps per site (layer: 30, gptq: 300), block (block: 20) or model (kl: 80, "
                         "%d tokens each)" % FINETUNE_TOKENS)

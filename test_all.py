@@ -1371,7 +1371,7 @@ def test_data_free_defaults_apply_only_without_calibration_text(tmp_path, monkey
 
 
 def test_default_objective_is_kl_against_the_final_quantizers_stand_in(tmp_path):
-    """The measured winner in every cell (README): the kl objective, learned against straight-through RTN under --rtn
+    """The best rotation measured in every cell (README): the kl objective, learned against straight-through RTN under --rtn
     and against GPTQ's stand-in under GPTQ; a named objective keeps its own, --kl_quantizer gptq is refused without
     the kl objective or under --rtn, and the default kl objective refuses SGD with a hint."""
     def learn(*flags):
