@@ -462,8 +462,9 @@ class LearnConfig:
     clip_lr: Optional[float] = None  # their learning rate (Adam; block: 5e-3 from 0.98, kl: 1e-2 from the search)
     refresh: int = 10         # gptq objective and kl's gptq stand-in: steps between recomputations of
                               # d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky)
-    kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips)
-                               # or gptq (fake_quant_gptq_ste, on the clip search's grid or the learned clips;
+    kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips),
+                               # rtnclip (RTN on the clip search's ranges: the file's RTN) or gptq
+                               # (fake_quant_gptq_ste, on the clip search's grid or the learned clips;
                                # calibrate.py's default under GPTQ)
 
     def __post_init__(self):
@@ -486,10 +487,13 @@ class LearnConfig:
         if self.objective == "kl" and (self.init == "best" or self.optim != "adam"):
             raise ValueError("the kl objective starts every site from one --init (identity, hadamard, rhadamard or "
                              "random; 'best' needs a layer loss) and learns with adam")
-        if self.kl_quantizer not in ("rtn", "gptq"):
+        if self.kl_quantizer not in ("rtn", "rtnclip", "gptq"):
             raise ValueError(f"unknown kl quantizer {self.kl_quantizer!r}")
-        if self.kl_quantizer == "gptq" and self.objective != "kl":
-            raise ValueError("the gptq stand-in (--kl_quantizer gptq) is the kl objective's only")
+        if self.kl_quantizer != "rtn" and self.objective != "kl":
+            raise ValueError(f"the {self.kl_quantizer} stand-in (--kl_quantizer {self.kl_quantizer}) is the kl objective's only")
+        if self.kl_quantizer == "rtnclip" and self.lwc:
+            raise ValueError("--kl_quantizer rtnclip learns on the clip search's ranges, --lwc learns its own: "
+                             "with --lwc use --kl_quantizer rtn")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optim!r}")
         if self.steps < 0 or self.rows < 0 or self.checkpoints < 1:

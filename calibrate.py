@@ -516,7 +516,8 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 #
 #   min_{T}  KL( p(. | fp model)  ||  p(. | model with every linear y = Q(W T_s^T) (T_s x)) ),  Q straight-through RTN
 #
-# or, with kl_quantizer gptq (the default under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error
+# on min-max ranges (kl_quantizer rtn) or on the clip search's, recomputed every `refresh` steps (rtnclip: the ranges
+# the final RTN writes, less its H-scored choice per row); or, with kl_quantizer gptq (the default under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error
 # model, H_s from the unquantized model's inputs at site s. SpinQuant learns its rotations this way (then quantizes
 # with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with
 # the final quantizer (GPTQ on T H T^T, or RTN).
@@ -525,7 +526,8 @@ class FakeQuantLinear(nn.Module):
     """y = x Q(W T^T)^T, the rows of Q(W T^T) being Q(T w): the site's slot applies T to x online, so y = W x up
     to Q's error, and gradients reach T through both, and the clip factors sigmoid(gamma) (2, out, groups) when
     given. With `feedback` = F(T H T^T) set, Q is GPTQ's stand-in (bq.fake_quant_gptq_ste) on the grid of the
-    learned clip factors, else of the fixed ones in `grid`."""
+    learned clip factors, else of the fixed ones in `grid`; without it, straight-through RTN on the learned clip
+    factors, else on `grid` (kl_quantizer rtnclip), else min-max."""
 
     def __init__(self, weight, T, qc, gamma=None):
         super().__init__()
@@ -536,7 +538,7 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x):   # (..., in) -> (..., out)
         Wr = self.T(self.weight)                                                            # (out, in)
         if self.feedback is None:
-            return F.linear(x, bq.fake_quant_ste(Wr, self.qc, self.gamma))
+            return F.linear(x, bq.fake_quant_ste(Wr, self.qc, self.gamma if self.gamma is not None else self.grid))
         return F.linear(x, bq.fake_quant_gptq_ste(Wr, self.feedback, self.qc,
                                                   self.gamma if self.gamma is not None else self.grid))
 
@@ -621,18 +623,20 @@ def learn_kl(model, ref, samples, cc, qc, lc):
             sites.append((T, (l, slot), [new for _, new, _ in swaps[-len(linears):]]))
 
     @torch.no_grad()
-    def refresh():      # the gptq stand-in's F(T H T^T), and its grid where no clip factors are learned
+    def refresh():      # the gptq stand-in's F(T H T^T); the clip search's grid where no clip factors are learned
         for T, key, fakes in sites:
-            M = T.matrix() if isinstance(T, bq.Transform) else T.M if isinstance(T, llama.OnlineTransform) else None
-            H = hessians[key].to(dev)                                                       # (n, n)
-            feedback = bq.gptq_feedback(H if M is None else M @ H @ M.T)
+            if hessians is not None:
+                M = T.matrix() if isinstance(T, bq.Transform) else T.M if isinstance(T, llama.OnlineTransform) else None
+                H = hessians[key].to(dev)                                                   # (n, n)
+                feedback = bq.gptq_feedback(H if M is None else M @ H @ M.T)
             for f in fakes:
-                f.feedback = feedback
-                if f.gamma is None:
-                    f.grid = bq.clip_logits(T(f.weight), qc)
+                if hessians is not None:
+                    f.feedback = feedback
+                if f.gamma is None:     # rtnclip: the very ranges of the clip search (shrink 1 kept, not capped)
+                    f.grid = bq.clip_logits(T(f.weight), qc, **({} if hessians is not None else dict(pmax=1 - 1e-6)))
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
-    every = (lc.refresh, refresh) if hessians is not None else None
+    every = (lc.refresh, refresh) if lc.kl_quantizer != "rtn" else None
     with swapped(model, swaps, str(dev).startswith("cuda")):
         if every:
             refresh()
@@ -741,7 +745,10 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-kl", dict(rotation="butterfly", objective="kl")),     # against min-max RTN in every cell
               ("hadamard-kl-lwc", dict(rotation="hadamard", objective="kl", lwc=True)),     # clip factors only
               ("butterfly-kl-lwc", dict(rotation="butterfly", objective="kl", lwc=True)),
+              ("none-kl-lwc", dict(rotation="none", objective="kl", lwc=True)),             # clip factors only
               ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
+              ("butterfly-klclip", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnclip",  # RTN cells
+                                        init="identity")),
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
               ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq")),
               ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl")),
@@ -753,7 +760,7 @@ SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "
                                                 **({"base": f"w{b}g{g}-{q}-{row['base']}-s{seed}"} if "base" in row
                                                    else {})))
          for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in SWEEP_SEEDS
-         if q == "gptq" or row.get("kl_quantizer") != "gptq"]
+         if row.get("kl_quantizer", "rtn") in ("rtn", "gptq" if q == "gptq" else "rtnclip")]
 
 
 def sweep_rows(only=()):
@@ -790,8 +797,8 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
                 r[name] = dict(ppl=evaluation.perplexity(fp, ids, cc.seqlen, eval_limit))
         else:
             qrow = replace(qc, bits=row["bits"], group=row["group"], gptq=row["gptq"])
-            lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False),
-                                  kl_quantizer=row.get("kl_quantizer", "rtn"))
+            lrow = bq.LearnConfig(init=row.get("init"), objective=row.get("objective", "layer"),
+                                  lwc=row.get("lwc", False), kl_quantizer=row.get("kl_quantizer", "rtn"))
             crow, out = replace(cc, rotation=row["rotation"], seed=row["seed"]), f"out/sweep-{tag}.safetensors"
             if "base" in row:       # the end-to-end pass on the base row's file (calibrated first if missing)
                 src = f"out/sweep-{row['base']}.safetensors"
@@ -879,12 +886,14 @@ def parse_args(argv=None):
                         "%d tokens each)" % FINETUNE_TOKENS)
     p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; gptq: 0.02, block and kl: "
                                                           "0.01, Adam)")
-    p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq: steps between "
-                                                           "recomputations of GPTQ's column weights or feedback")
-    p.add_argument("--kl_quantizer", default=None, choices=["rtn", "gptq"],
-                   help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips), or "
-                        "gptq: RTN's rounding error pushed forward through GPTQ's feedback F(T H T^T), on the clip "
-                        "search's grid or the learned clips (default: the final quantizer's, gptq unless --rtn)")
+    p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq or rtnclip: steps "
+                                                           "between recomputations of GPTQ's column weights or "
+                                                           "feedback, or of the clip search's ranges")
+    p.add_argument("--kl_quantizer", default=None, choices=["rtn", "rtnclip", "gptq"],
+                   help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips); rtnclip: "
+                        "RTN on the clip search's ranges, recomputed every --refresh steps; or gptq: RTN's rounding "
+                        "error pushed forward through GPTQ's feedback F(T H T^T), on the clip search's grid or the "
+                        "learned clips (default: the final quantizer's, gptq unless --rtn)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
     p.add_argument("--lwc", action="store_true",
@@ -963,7 +972,8 @@ def parse_args(argv=None):
     if a.out is None:
         tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
             "" if lc.objective == "layer" else f"-{lc.objective}") + (
-            "rtn" if lc.objective == "kl" and qc.gptq and lc.kl_quantizer == "rtn" else "")) + ("-lwc" if lc.lwc else "")
+            lc.kl_quantizer if lc.objective == "kl" and lc.kl_quantizer != ("gptq" if qc.gptq else "rtn") else "")) + (
+            "-lwc" if lc.lwc else "")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"

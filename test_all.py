@@ -845,15 +845,32 @@ def test_kl_objective_with_learned_clips_moves_every_clip_factor_and_lowers_the_
         assert (gammas[(l, name)] - start).abs().min() > 0, (l, name)
 
 
+def test_kl_stand_in_on_the_clip_searchs_ranges_is_the_rtn_that_writes_the_file():
+    """--kl_quantizer rtnclip: the straight-through RTN on the ranges the clip search chose is, in the forward pass,
+    the RTN that quantizes the file (quantize then dequantize, without H), a padded last group included; the
+    min-max straight-through RTN is not (the outlier column makes the search clip)."""
+    W = torch.randn(48, 150, generator=torch.Generator().manual_seed(0))
+    W[:, 7] *= 8
+    qc = bq.QuantConfig(3, 32, gptq=False)
+    ref = bq.dequantize(*bq.quantize(W, qc), qc.group)                                  # (48, 150)
+    f = calibrate.FakeQuantLinear(W, torch.nn.Identity(), qc)
+    minmax = f(torch.eye(150)).T
+    f.grid = bq.clip_logits(W, qc, pmax=1 - 1e-6)
+    assert torch.allclose(f(torch.eye(150)).T, ref, atol=1e-5)
+    assert (minmax - ref).abs().max() > 0.1
+
+
 @needs_shared
-def test_kl_objective_with_the_gptq_stand_in_moves_every_angle_and_lowers_its_kl():
-    """--kl_quantizer gptq: H from the unquantized model's inputs at every site, the stand-in's feedback and grid
-    refreshed as T moves; the stand-in model's KL falls and every angle leaves its start."""
+@pytest.mark.parametrize("stand_in", ["gptq", "rtnclip"])
+def test_kl_objective_with_a_refreshed_stand_in_moves_every_angle_and_lowers_its_kl(stand_in):
+    """--kl_quantizer gptq (H from the unquantized model's inputs at every site, the stand-in's feedback and grid)
+    and rtnclip (the clip search's grid), refreshed as T moves: the stand-in model's KL falls and every angle leaves
+    its start."""
     model, ref = llama.load(STORIES)[0], llama.load(STORIES)[0]
     samples = torch.randint(1, 512, (4, 128), generator=torch.Generator().manual_seed(0))
     cc = calibrate.CalibConfig(ckpt=STORIES)
-    transforms, _, res = calibrate.learn_kl(model, ref, samples, cc, bq.QuantConfig(2, 32),
-                                            bq.LearnConfig(objective="kl", kl_quantizer="gptq", steps=6, refresh=2))
+    transforms, _, res = calibrate.learn_kl(model, ref, samples, cc, bq.QuantConfig(2, 32, gptq=stand_in == "gptq"),
+                                            bq.LearnConfig(objective="kl", kl_quantizer=stand_in, steps=6, refresh=2))
     assert res["kl_after"] < res["kl_before"] and len(transforms) == 20
     for (l, slot), T in transforms.items():
         s_i = [name for name, _ in llama.SITES].index(slot)
@@ -991,10 +1008,12 @@ def test_sweep_only_selects_full_row_names_exactly():
     assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
     assert tags(["w2g64-gptq-hadamard"]) == ["fp"] + [f"w2g64-gptq-hadamard-s{s}" for s in (0, 1, 2)]  # no -e2e, -kl-lwc
-    assert len(tags(["w2g64-gptq"])) == 1 + (13 + 2) * 3        # a cell: every row of it
-    assert len(tags([])) == 1 + (4 * 13 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
+    assert len(tags(["w2g64-gptq"])) == 1 + (14 + 2) * 3        # a cell: every row of it
+    assert len(tags([])) == 1 + (4 * 14 + 2 * 2 + 2) * 3 and len(set(tags([]))) == len(tags([]))
     assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq{e}-s{s}" for c in ("2g64", "3g128")
                                          for e in ("", "-e2e") for s in (0, 1, 2)]      # the stand-in rows: GPTQ cells
+    assert tags(["klclip"]) == ["fp"] + [f"w{c}-rtn-butterfly-klclip-s{s}" for c in ("2g64", "3g128")
+                                         for s in (0, 1, 2)]                            # and RTN's: RTN cells
     e2e = dict(calibrate.sweep_rows(["w2g64-gptq-hadamard-e2e-s1"]))
     assert list(e2e) == ["fp", "w2g64-gptq-hadamard-e2e-s1"] and e2e["w2g64-gptq-hadamard-e2e-s1"]["base"] == \
         "w2g64-gptq-hadamard-s1"        # the end-to-end row starts from its base row's file, same seed
@@ -1892,6 +1911,8 @@ BAD_INPUTS = {
     "cal gptq stand-in under rtn": ("stands in for GPTQ", lambda c, q: cal(c, None, "--rtn", "--kl_quantizer", "gptq")),
     "cal gptq stand-in without the kl objective": ("kl objective's only", lambda c, q: cal(
         c, None, "--objective", "layer", "--kl_quantizer", "gptq")),
+    "cal clip-search stand-in with lwc": ("use --kl_quantizer rtn", lambda c, q: cal(
+        c, None, "--rtn", "--kl_quantizer", "rtnclip", "--lwc")),
 }
 
 
