@@ -299,6 +299,12 @@ def clip_logits(w, cfg: QuantConfig, pmax=0.99):
     return torch.logit(p.clamp(max=pmax)).expand(2, R, G).clone()
 
 
+def clip_grid(w, cfg: QuantConfig):
+    """The clip search's ranges of w (R, n) as logits (2, R, G) on which fake_quant_ste is, in the forward pass,
+    quantize(w, cfg) without H (a shrink of 1 kept: sigmoid(logit(1 - 1e-6)) rounds to it at these bits)."""
+    return clip_logits(w, cfg, pmax=1 - 1e-6)
+
+
 def dequantize(q, scale, zero, group):
     """w_hat = s * (q - z), groups expanded along the input dim."""
     n = q.shape[1]
@@ -446,7 +452,7 @@ def uniformity_loss(z, bits, temperature=0.5):
 @dataclass
 class LearnConfig:
     init: Optional[str] = None    # identity | hadamard | rhadamard | random | best (the better of identity and
-                                  # hadamard); gptq and kl: rhadamard, else best
+                                  # hadamard); gptq and kl: rhadamard (kl on rtnclip: identity), else best
     steps: Optional[int] = None   # per site (layer: 30, gptq: 300), per block (block: 20) or model (kl: 80)
     lr: Optional[float] = None    # layer: 0.5 with SGD; gptq: 0.02, block and kl: 0.01 with Adam
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
@@ -460,12 +466,12 @@ class LearnConfig:
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
     lwc: bool = False         # block and kl objectives: also learn per-group clip factors (used by RTN and GPTQ)
     clip_lr: Optional[float] = None  # their learning rate (Adam; block: 5e-3 from 0.98, kl: 1e-2 from the search)
-    refresh: int = 10         # gptq objective and kl's gptq stand-in: steps between recomputations of
-                              # d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky)
+    refresh: int = 10         # gptq objective and kl's gptq and rtnclip stand-ins: steps between recomputations
+                              # of d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky), or of the clip search's ranges
     kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips),
-                               # rtnclip (RTN on the clip search's ranges: the file's RTN) or gptq
-                               # (fake_quant_gptq_ste, on the clip search's grid or the learned clips;
-                               # calibrate.py's default under GPTQ)
+                               # rtnclip (RTN on the unweighted clip search's ranges; calibrate.py's default
+                               # under --rtn without --lwc) or gptq (fake_quant_gptq_ste, on the clip search's
+                               # grid or the learned clips; calibrate.py's default under GPTQ)
 
     def __post_init__(self):
         defaults = dict(layer=("best", 30, 0.5, "sgd"), gptq=("rhadamard", 300, 0.02, "adam"),
@@ -473,6 +479,7 @@ class LearnConfig:
         if self.objective not in defaults:
             raise ValueError(f"unknown objective {self.objective!r}")
         init, steps, lr, optim = defaults[self.objective]
+        init = "identity" if self.kl_quantizer == "rtnclip" else init     # the unrotated model is its stand-in's best start
         self.init = init if self.init is None else self.init
         self.steps = steps if self.steps is None else self.steps
         self.lr = lr if self.lr is None else self.lr
@@ -493,7 +500,7 @@ class LearnConfig:
             raise ValueError(f"the {self.kl_quantizer} stand-in (--kl_quantizer {self.kl_quantizer}) is the kl objective's only")
         if self.kl_quantizer == "rtnclip" and self.lwc:
             raise ValueError("--kl_quantizer rtnclip learns on the clip search's ranges, --lwc learns its own: "
-                             "with --lwc use --kl_quantizer rtn")
+                             "drop one of them")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optim!r}")
         if self.steps < 0 or self.rows < 0 or self.checkpoints < 1:

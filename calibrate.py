@@ -254,7 +254,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
         raise UserError(f"--lwc with --rotation {cc.rotation}: a fixed rotation's clip factors are learned by the kl "
                         f"objective only (the default: drop --objective)")
     if lc.kl_quantizer == "gptq" and not qc.gptq:
-        raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or keep --kl_quantizer rtn")
+        raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or drop --kl_quantizer (under --rtn: "
+                        "rtnclip)")
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
@@ -516,9 +517,10 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 #
 #   min_{T}  KL( p(. | fp model)  ||  p(. | model with every linear y = Q(W T_s^T) (T_s x)) ),  Q straight-through RTN
 #
-# on min-max ranges (kl_quantizer rtn) or on the clip search's, recomputed every `refresh` steps (rtnclip: the ranges
-# the final RTN writes, less its H-scored choice per row); or, with kl_quantizer gptq (the default under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error
-# model, H_s from the unquantized model's inputs at site s. SpinQuant learns its rotations this way (then quantizes
+# on min-max ranges (kl_quantizer rtn) or on the clip search's, recomputed every `refresh` steps (rtnclip: the final
+# RTN's ranges, less its H-scored choice per row; the default under --rtn); or, with kl_quantizer gptq (the default
+# under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error model, H_s from the unquantized model's
+# inputs at site s. SpinQuant learns its rotations this way (then quantizes
 # with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with
 # the final quantizer (GPTQ on T H T^T, or RTN).
 
@@ -632,8 +634,8 @@ def learn_kl(model, ref, samples, cc, qc, lc):
             for f in fakes:
                 if hessians is not None:
                     f.feedback = feedback
-                if f.gamma is None:     # rtnclip: the very ranges of the clip search (shrink 1 kept, not capped)
-                    f.grid = bq.clip_logits(T(f.weight), qc, **({} if hessians is not None else dict(pmax=1 - 1e-6)))
+                if f.gamma is None:
+                    f.grid = bq.clip_logits(T(f.weight), qc) if hessians is not None else bq.clip_grid(T(f.weight), qc)
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
     every = (lc.refresh, refresh) if lc.kl_quantizer != "rtn" else None
@@ -853,7 +855,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>-<settings>.safetensors)")
     p.add_argument("--rotation", default="butterfly", choices=["none", "hadamard", "random", "butterfly"])
     p.add_argument("--init", default=None, choices=["identity", "hadamard", "rhadamard", "random", "best"],
-                   help="butterfly start (default: gptq and kl objectives rhadamard, else best); 'best' starts from the "
+                   help="butterfly start (default: gptq and kl objectives rhadamard, kl on rtnclip identity, else "
+                        "best); 'best' starts from the "
                         "better of identity and hadamard per site; 'rhadamard': pi/4 + k pi/2 with random k, a "
                         "randomised Hadamard")
     p.add_argument("--bits", "--w_bits", "--wbits", type=int, default=3, help="weight bits (2, 3, 4, 8)")
@@ -880,7 +883,8 @@ def parse_args(argv=None):
                         "site alone, GPTQ's expected loss; block: a block's four transforms jointly on the block's "
                         "output MSE; kl: every transform at once, before quantizing, on KL(unquantized || "
                         "straight-through RTN, or GPTQ's stand-in: --kl_quantizer) of the next-token distribution "
-                        "(default: kl, against the final quantizer's stand-in; the best rotation in every cell measured)")
+                        "(default: kl, against the final quantizer's stand-in; it beats every fixed choice in both GPTQ "
+                        "cells and at W3 g128 RTN measured)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimisation steps per site (layer: 30, gptq: 300), block (block: 20) or model (kl: 80, "
                         "%d tokens each)" % FINETUNE_TOKENS)
@@ -893,7 +897,7 @@ def parse_args(argv=None):
                    help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips); rtnclip: "
                         "RTN on the clip search's ranges, recomputed every --refresh steps; or gptq: RTN's rounding "
                         "error pushed forward through GPTQ's feedback F(T H T^T), on the clip search's grid or the "
-                        "learned clips (default: the final quantizer's, gptq unless --rtn)")
+                        "learned clips (default: the final quantizer's: gptq, or under --rtn rtnclip, rtn with --lwc)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
     p.add_argument("--lwc", action="store_true",
@@ -951,14 +955,16 @@ def parse_args(argv=None):
         raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
     llama.check_device(cc.device)
     objective = a.objective or "kl"
-    kl_quantizer = a.kl_quantizer or ("gptq" if objective == "kl" and a.gptq else "rtn")
+    stand_in = "gptq" if a.gptq else "rtn" if a.lwc or a.no_clip else "rtnclip"     # the kl objective's default
+    kl_quantizer = a.kl_quantizer or (stand_in if objective == "kl" else "rtn")
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
         lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, objective,
                             a.block_batch, a.block_tokens, a.lwc, a.clip_lr, refresh=a.refresh,
                             kl_quantizer=kl_quantizer)
     except ValueError as e:
-        hint = f" (the default objective is {objective}: name another with --objective)" if a.objective is None else ""
+        hint = f" (the default objective is {objective}: name another with --objective)" \
+            if a.objective is None and a.kl_quantizer is None else ""
         raise UserError(f"{e}{hint}") from None
     if a.sweep and (a.finetune or a.finetune_from):
         raise UserError("--sweep runs its own end-to-end rows (-e2e); drop --finetune and --finetune_from")
@@ -972,7 +978,8 @@ def parse_args(argv=None):
     if a.out is None:
         tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
             "" if lc.objective == "layer" else f"-{lc.objective}") + (
-            lc.kl_quantizer if lc.objective == "kl" and lc.kl_quantizer != ("gptq" if qc.gptq else "rtn") else "")) + (
+            lc.kl_quantizer.replace("rtnclip", "clip") if lc.objective == "kl" and lc.kl_quantizer != stand_in
+            else "")) + (
             "-lwc" if lc.lwc else "")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"

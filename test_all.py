@@ -21,6 +21,7 @@ import subprocess
 import sys
 import types
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -845,17 +846,17 @@ def test_kl_objective_with_learned_clips_moves_every_clip_factor_and_lowers_the_
         assert (gammas[(l, name)] - start).abs().min() > 0, (l, name)
 
 
-def test_kl_stand_in_on_the_clip_searchs_ranges_is_the_rtn_that_writes_the_file():
-    """--kl_quantizer rtnclip: the straight-through RTN on the ranges the clip search chose is, in the forward pass,
-    the RTN that quantizes the file (quantize then dequantize, without H), a padded last group included; the
-    min-max straight-through RTN is not (the outlier column makes the search clip)."""
+def test_kl_stand_in_on_the_clip_searchs_ranges_is_rtn_with_the_clip_search():
+    """--kl_quantizer rtnclip: the straight-through RTN on the clip search's grid is, in the forward pass, RTN with
+    the clip search (quantize then dequantize, without H: the file's RTN less its H-scored choice per row), a padded
+    last group included; the min-max straight-through RTN is not (the outlier column makes the search clip)."""
     W = torch.randn(48, 150, generator=torch.Generator().manual_seed(0))
     W[:, 7] *= 8
     qc = bq.QuantConfig(3, 32, gptq=False)
     ref = bq.dequantize(*bq.quantize(W, qc), qc.group)                                  # (48, 150)
     f = calibrate.FakeQuantLinear(W, torch.nn.Identity(), qc)
     minmax = f(torch.eye(150)).T
-    f.grid = bq.clip_logits(W, qc, pmax=1 - 1e-6)
+    f.grid = bq.clip_grid(W, qc)
     assert torch.allclose(f(torch.eye(150)).T, ref, atol=1e-5)
     assert (minmax - ref).abs().max() > 0.1
 
@@ -864,17 +865,20 @@ def test_kl_stand_in_on_the_clip_searchs_ranges_is_the_rtn_that_writes_the_file(
 @pytest.mark.parametrize("stand_in", ["gptq", "rtnclip"])
 def test_kl_objective_with_a_refreshed_stand_in_moves_every_angle_and_lowers_its_kl(stand_in):
     """--kl_quantizer gptq (H from the unquantized model's inputs at every site, the stand-in's feedback and grid)
-    and rtnclip (the clip search's grid), refreshed as T moves: the stand-in model's KL falls and every angle leaves
-    its start."""
+    and rtnclip (the clip search's grid), refreshed as T moves, each from its default start (the randomised
+    Hadamard, the identity): the stand-in model's KL falls and every angle leaves its start."""
     model, ref = llama.load(STORIES)[0], llama.load(STORIES)[0]
     samples = torch.randint(1, 512, (4, 128), generator=torch.Generator().manual_seed(0))
     cc = calibrate.CalibConfig(ckpt=STORIES)
-    transforms, _, res = calibrate.learn_kl(model, ref, samples, cc, bq.QuantConfig(2, 32, gptq=stand_in == "gptq"),
-                                            bq.LearnConfig(objective="kl", kl_quantizer=stand_in, steps=6, refresh=2))
+    lc, qc = bq.LearnConfig(objective="kl", kl_quantizer=stand_in, steps=6, refresh=2), bq.QuantConfig(2, 32)
+    assert lc.init == {"gptq": "rhadamard", "rtnclip": "identity"}[stand_in]
+    transforms, _, res = calibrate.learn_kl(model, ref, samples, cc, qc, lc)
     assert res["kl_after"] < res["kl_before"] and len(transforms) == 20
+    minmax = calibrate.learn_kl(model, ref, samples, cc, qc, replace(lc, kl_quantizer="rtn", steps=0))[2]
+    assert abs(res["kl_before"] - minmax["kl_before"]) > 0.05        # the stand-in is in place from the first probe
     for (l, slot), T in transforms.items():
         s_i = [name for name, _ in llama.SITES].index(slot)
-        _, theta0, _ = bq.Transform(T.n, "rhadamard", torch.Generator().manual_seed(4 * l + s_i)).export()
+        _, theta0, _ = bq.Transform(T.n, lc.init, torch.Generator().manual_seed(4 * l + s_i)).export()
         assert (T.export()[1] - theta0).abs().min() > 0, (l, slot)
 
 
@@ -1390,15 +1394,20 @@ def test_data_free_defaults_apply_only_without_calibration_text(tmp_path, monkey
 
 
 def test_default_objective_is_kl_against_the_final_quantizers_stand_in(tmp_path):
-    """The best rotation measured in every cell (README): the kl objective, learned against straight-through RTN under --rtn
-    and against GPTQ's stand-in under GPTQ; a named objective keeps its own, --kl_quantizer gptq is refused without
-    the kl objective or under --rtn, and the default kl objective refuses SGD with a hint."""
+    """The best choice measured in both GPTQ cells and at W3 g128 RTN (README): the kl objective, learned against
+    GPTQ's stand-in under GPTQ, and under --rtn against straight-through RTN on the clip search's ranges from the
+    identity (on the learned clips with --lwc, min-max with --no_clip); a named objective keeps its own,
+    --kl_quantizer gptq is refused without the kl objective or under --rtn, and the default kl objective refuses SGD
+    with a hint."""
     def learn(*flags):
         lc = calibrate.parse_args(["--device", "cpu", "--out", str(tmp_path / "q.safetensors"), *flags])[2]
-        return lc.objective, lc.kl_quantizer
+        return lc.objective, lc.kl_quantizer, lc.init
     assert (learn(), learn("--rtn"), learn("--lwc"), learn("--rtn", "--lwc")) == \
-        (("kl", "gptq"), ("kl", "rtn"), ("kl", "gptq"), ("kl", "rtn"))
-    assert learn("--kl_quantizer", "rtn") == ("kl", "rtn") and learn("--objective", "layer") == ("layer", "rtn")
+        (("kl", "gptq", "rhadamard"), ("kl", "rtnclip", "identity"), ("kl", "gptq", "rhadamard"),
+         ("kl", "rtn", "rhadamard"))
+    assert learn("--kl_quantizer", "rtn") == ("kl", "rtn", "rhadamard")
+    assert learn("--rtn", "--no_clip") == ("kl", "rtn", "rhadamard")            # no clip search to stand in for
+    assert learn("--objective", "layer") == ("layer", "rtn", "best")
     for flags, match in ((("--objective", "gptq", "--lwc"), "block and kl objectives only"),
                          (("--optim", "sgd"), "default objective is kl"),
                          (("--objective", "layer", "--kl_quantizer", "gptq"), "kl objective's only")):
@@ -1911,7 +1920,7 @@ BAD_INPUTS = {
     "cal gptq stand-in under rtn": ("stands in for GPTQ", lambda c, q: cal(c, None, "--rtn", "--kl_quantizer", "gptq")),
     "cal gptq stand-in without the kl objective": ("kl objective's only", lambda c, q: cal(
         c, None, "--objective", "layer", "--kl_quantizer", "gptq")),
-    "cal clip-search stand-in with lwc": ("use --kl_quantizer rtn", lambda c, q: cal(
+    "cal clip-search stand-in with lwc": ("--lwc learns its own", lambda c, q: cal(
         c, None, "--rtn", "--kl_quantizer", "rtnclip", "--lwc")),
 }
 
