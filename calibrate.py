@@ -627,15 +627,15 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     @torch.no_grad()
     def refresh():      # the gptq stand-in's F(T H T^T); the clip search's grid where no clip factors are learned
         for T, key, fakes in sites:
+            feedback = None         # rtnclip: the grid alone
             if hessians is not None:
                 M = T.matrix() if isinstance(T, bq.Transform) else T.M if isinstance(T, llama.OnlineTransform) else None
                 H = hessians[key].to(dev)                                                   # (n, n)
                 feedback = bq.gptq_feedback(H if M is None else M @ H @ M.T)
             for f in fakes:
-                if hessians is not None:
-                    f.feedback = feedback
+                f.feedback = feedback
                 if f.gamma is None:
-                    f.grid = bq.clip_logits(T(f.weight), qc) if hessians is not None else bq.clip_grid(T(f.weight), qc)
+                    f.grid = (bq.clip_logits if hessians is not None else bq.clip_grid)(T(f.weight), qc)
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
     every = (lc.refresh, refresh) if lc.kl_quantizer != "rtn" else None
@@ -749,8 +749,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-kl-lwc", dict(rotation="butterfly", objective="kl", lwc=True)),
               ("none-kl-lwc", dict(rotation="none", objective="kl", lwc=True)),             # clip factors only
               ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
-              ("butterfly-klclip", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnclip",  # RTN cells
-                                        init="identity")),
+              ("butterfly-klclip", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnclip")),  # RTN cells
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
               ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq")),
               ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl")),
@@ -799,8 +798,8 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
                 r[name] = dict(ppl=evaluation.perplexity(fp, ids, cc.seqlen, eval_limit))
         else:
             qrow = replace(qc, bits=row["bits"], group=row["group"], gptq=row["gptq"])
-            lrow = bq.LearnConfig(init=row.get("init"), objective=row.get("objective", "layer"),
-                                  lwc=row.get("lwc", False), kl_quantizer=row.get("kl_quantizer", "rtn"))
+            lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False),
+                                  kl_quantizer=row.get("kl_quantizer", "rtn"))
             crow, out = replace(cc, rotation=row["rotation"], seed=row["seed"]), f"out/sweep-{tag}.safetensors"
             if "base" in row:       # the end-to-end pass on the base row's file (calibrated first if missing)
                 src = f"out/sweep-{row['base']}.safetensors"
@@ -856,9 +855,8 @@ def parse_args(argv=None):
     p.add_argument("--rotation", default="butterfly", choices=["none", "hadamard", "random", "butterfly"])
     p.add_argument("--init", default=None, choices=["identity", "hadamard", "rhadamard", "random", "best"],
                    help="butterfly start (default: gptq and kl objectives rhadamard, kl on rtnclip identity, else "
-                        "best); 'best' starts from the "
-                        "better of identity and hadamard per site; 'rhadamard': pi/4 + k pi/2 with random k, a "
-                        "randomised Hadamard")
+                        "best); 'best' starts from the better of identity and hadamard per site; 'rhadamard': "
+                        "pi/4 + k pi/2 with random k, a randomised Hadamard")
     p.add_argument("--bits", "--w_bits", "--wbits", type=int, default=3, help="weight bits (2, 3, 4, 8)")
     p.add_argument("--group", "--w_groupsize", type=int, default=128, help="group size; 0 or -1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
