@@ -9,7 +9,12 @@ two quantizations with fewer windows than perplexity does.
 
     python eval.py --ckpt smollm2-135m --data ../shared/data/wikitext2_test.txt           # 148 windows: 21.63
     python eval.py --ckpt out/FILE.safetensors --ref smollm2-135m --data ../shared/data/c4_eval.jsonl --limit 8
+    python eval.py --ckpt out/A.safetensors out/B.safetensors --ref smollm2-135m --limit 40   # B paired against A
     python eval.py --ckpt out/FILE.safetensors --speed                # decode tokens/s, beside the fp model's
+
+Several checkpoints share one pass of the reference, and each after the first is also reported against the first,
+paired per token (the mean difference of KL and of NLL with its standard error): two quantizations of one model
+differ far less, token by token, than either differs from window to window.
 """
 import json
 import math
@@ -187,30 +192,51 @@ def ppl_and_error(nll):
 
 
 @torch.no_grad()
-def compare(ref, model, ids, seqlen=2048, limit=None, progress=False):
-    """Both models on the same windows, one window at a time. KL(ref || model) per token
-    = sum_v p_ref(v) (log p_ref(v) - log p_model(v)); top-1 agreement: argmax_v equal. Returns a dict."""
+def compare_many(ref, models, ids, seqlen=2048, limit=None, progress=False):
+    """Every model against `ref` on the same windows, one window at a time, the reference's forward pass shared.
+    KL(ref || model) per token = sum_v p_ref(v) (log p_ref(v) - log p_model(v)); top-1 agreement: argmax_v equal.
+    Models after the first also get their difference from the first, paired per token (the same prediction under
+    both): kl_diff = mean(KL_m - KL_0), nll_diff = mean(NLL_m - NLL_0) = log(ppl_m / ppl_0), each with its standard
+    error, which is far smaller than the two rows' own errors because the windows' difficulty cancels.
+    Returns a list of dicts, one per model."""
     win = windows(ids, seqlen, limit)
-    dev_r, dev_m = next(ref.parameters()).device, next(model.parameters()).device
-    kl, agree, nll_r, nll_m, t0 = [], [], [], [], time.time()
+    dev_r = next(ref.parameters()).device
+    kl, agree, nll = [[] for _ in models], [[] for _ in models], [[] for _ in models]
+    nll_r, t0 = [], time.time()
     for i, x in enumerate(win):
-        lr = F.log_softmax(ref(x[None].to(dev_r))[0, :-1].float(), -1).cpu()           # (T-1, vocab)
-        lm = F.log_softmax(model(x[None].to(dev_m))[0, :-1].float(), -1).cpu()
-        if not (torch.isfinite(lr).all() and torch.isfinite(lm).all()):
-            raise UserError("a model produced non-finite logits (NaN/inf)")
-        kl.append(bq.kl_divergence(lr, lm).clamp_min(0).double())
-        agree.append((lr.argmax(-1) == lm.argmax(-1)).double())
         y = x[1:, None]
+        lr = F.log_softmax(ref(x[None].to(dev_r))[0, :-1].float(), -1).cpu()           # (T-1, vocab)
+        if not torch.isfinite(lr).all():
+            raise UserError("the reference produced non-finite logits (NaN/inf)")
         nll_r.append(-lr.gather(-1, y)[:, 0].double())
-        nll_m.append(-lm.gather(-1, y)[:, 0].double())
+        for j, model in enumerate(models):
+            lm = F.log_softmax(model(x[None].to(next(model.parameters()).device))[0, :-1].float(), -1).cpu()
+            if not torch.isfinite(lm).all():
+                raise UserError("a model produced non-finite logits (NaN/inf)")
+            kl[j].append(bq.kl_divergence(lr, lm).clamp_min(0).double())                # (T-1,)
+            agree[j].append((lr.argmax(-1) == lm.argmax(-1)).double())
+            nll[j].append(-lm.gather(-1, y)[:, 0].double())
         if progress:
-            progress_line("window", i + 1, len(win), t0, f"KL {torch.cat(kl).mean():.4f}")
-    kl, agree, nll_r, nll_m = (torch.cat(t) for t in (kl, agree, nll_r, nll_m))
+            progress_line("window", i + 1, len(win), t0, " ".join(f"KL {torch.cat(k).mean():.4f}" for k in kl))
     se = lambda t: t.std().item() / math.sqrt(t.numel())        # noqa: E731
-    (ppl, ppl_se), (ref_ppl, ref_ppl_se) = ppl_and_error(nll_m), ppl_and_error(nll_r)
-    return dict(windows=len(win), tokens=kl.numel(), ppl=ppl, ppl_se=ppl_se, ref_ppl=ref_ppl, ref_ppl_se=ref_ppl_se,
-                kl=kl.mean().item(), kl_se=se(kl), kl_p99=torch.quantile(kl.float(), 0.99).item(),
-                top1=agree.mean().item(), top1_se=se(agree))
+    ref_ppl, ref_ppl_se = ppl_and_error(torch.cat(nll_r))
+    out = []
+    for j in range(len(models)):
+        k, a, n = torch.cat(kl[j]), torch.cat(agree[j]), torch.cat(nll[j])
+        ppl, ppl_se = ppl_and_error(n)
+        r = dict(windows=len(win), tokens=k.numel(), ppl=ppl, ppl_se=ppl_se, ref_ppl=ref_ppl, ref_ppl_se=ref_ppl_se,
+                 kl=k.mean().item(), kl_se=se(k), kl_p99=torch.quantile(k.float(), 0.99).item(),
+                 top1=a.mean().item(), top1_se=se(a))
+        if j:
+            dk, dn = k - torch.cat(kl[0]), n - torch.cat(nll[0])
+            r.update(kl_diff=dk.mean().item(), kl_diff_se=se(dk), nll_diff=dn.mean().item(), nll_diff_se=se(dn))
+        out.append(r)
+    return out
+
+
+def compare(ref, model, ids, seqlen=2048, limit=None, progress=False):
+    """compare_many for one model: a dict."""
+    return compare_many(ref, [model], ids, seqlen, limit, progress)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -261,7 +287,10 @@ def decode_speed(model, prompt_len=16, tokens=128):
 
 def main():
     p = llama.ArgumentParser(description="Perplexity, KL divergence and decode speed of a checkpoint or calibrated file.")
-    p.add_argument("--ckpt", default="smollm2-135m", help="named checkpoint, directory, .gguf or calibrated .safetensors")
+    p.add_argument("--ckpt", nargs="+", default=["smollm2-135m"],
+                   help="named checkpoint, directory, .gguf or calibrated .safetensors; several are evaluated on the same "
+                        "windows (held in memory together, the --ref pass shared), each after the first also paired "
+                        "per token against the first")
     p.add_argument("--ref", default=None, help="reference checkpoint for KL divergence and top-1 agreement")
     p.add_argument("--data", nargs="+", default=["wikitext2"],
                    help="files (.txt, .jsonl), or wikitext2 (WikiText-2 test) or c4 (en validation shard 00000; locally "
@@ -285,7 +314,7 @@ def main():
                         "--tokens >= 1")
     llama.check_device(a.device)
     if a.out is not None:
-        llama.check_output(a.out, [a.ckpt, a.ref] + [d for d in a.data if os.path.exists(d)])
+        llama.check_output(a.out, [*a.ckpt, a.ref] + [d for d in a.data if os.path.exists(d)])
         if os.path.isfile(a.out) and os.path.getsize(a.out):    # appended to: it must already be JSON lines
             with open(a.out, "rb") as f:
                 first = f.read(1 << 16).split(b"\n", 1)[0]
@@ -296,48 +325,74 @@ def main():
     dtype = getattr(torch, a.dtype)
     data = [] if a.speed else [resolve_data(d, "eval") for d in a.data]     # a missing dataset fails before loading
     corpora = [read_corpus(path) for path, _ in data]                       # bad data fails before the model loads
-    model, tok = llama.load(a.ckpt)
-    if tok is None:
-        raise UserError(f"{a.ckpt}: no tokenizer found beside the checkpoint")
-    ctx = model.args.max_seq_len
-    if a.seqlen > ctx or (a.speed and 16 + a.tokens > ctx):
-        raise UserError(f"--seqlen {a.seqlen} / 16 + --tokens {a.tokens}: beyond the model's context of {ctx} tokens")
-    llama.check_memory(min(a.batch_size, a.limit or a.batch_size) * a.seqlen * model.args.vocab_size * 4 * 3,
+    if len({os.path.realpath(c) if os.path.exists(c) else c for c in a.ckpt}) < len(a.ckpt):
+        raise UserError("--ckpt names a checkpoint twice")
+    models, tok = [], None
+    for ckpt in a.ckpt:
+        model, t = llama.load(ckpt)
+        if t is None:
+            raise UserError(f"{ckpt}: no tokenizer found beside the checkpoint")
+        probe = corpora[0][:20000] if corpora else "The quick brown fox.\n\nJumps over the lazy dog."
+        if tok is not None and (model.args.vocab_size != models[0].args.vocab_size or t.encode(probe) != tok.encode(probe)):
+            raise UserError(f"{ckpt}: its tokenizer differs from {a.ckpt[0]}'s: the models cannot share windows")
+        tok = tok or t
+        models.append(model)
+    ctx = min(m.args.max_seq_len for m in models)
+    if (a.speed and 16 + a.tokens > ctx) or (not a.speed and a.seqlen > ctx):
+        raise UserError(f"{f'16 + --tokens {a.tokens}' if a.speed else f'--seqlen {a.seqlen}'}: beyond the model's "
+                        f"context of {ctx} tokens")
+    llama.check_memory(min(a.batch_size, a.limit or a.batch_size) * a.seqlen * models[0].args.vocab_size * 4 * 3,
                        "a batch of logits")
-    model.to(a.device, dtype)
+    models = [m.to(a.device, dtype) for m in models]
     results = []
     if a.speed:
-        pairs = [(a.ckpt, model)]
-        if a.ckpt.endswith(".safetensors"):
-            sett = llama.read_safetensors(a.ckpt)[0].get("settings")
-            src = sett.get("ckpt") if isinstance(sett, dict) else None
-            if src:
-                pairs.insert(0, (src, llama.load(src)[0].to(a.device, dtype)))
+        pairs = []
+        for ckpt, model in zip(a.ckpt, models):
+            if ckpt.endswith(".safetensors"):
+                sett = llama.read_safetensors(ckpt)[0].get("settings")
+                src = sett.get("ckpt") if isinstance(sett, dict) else None
+                if src and src not in a.ckpt and src not in [name for name, _ in pairs]:
+                    pairs.append((src, llama.load(src)[0].to(a.device, dtype)))
+            pairs.append((ckpt, model))
         for name, m in pairs:
             tps = decode_speed(m, tokens=a.tokens)
             print(f"{name}: {tps:.1f} tokens/s ({a.dtype}, {a.device}, greedy, batch 1)")
             results.append(dict(ckpt=name, tokens_per_s=round(tps, 2), dtype=a.dtype, device=a.device))
     else:
         ref = llama.load(a.ref)[0].to(a.device, dtype) if a.ref else None
-        if ref is not None and ref.args.vocab_size != model.args.vocab_size:
-            raise UserError(f"--ref {a.ref}: vocabulary {ref.args.vocab_size}, the model's is {model.args.vocab_size}")
+        if ref is not None and ref.args.vocab_size != models[0].args.vocab_size:
+            raise UserError(f"--ref {a.ref}: vocabulary {ref.args.vocab_size}, the model's is {models[0].args.vocab_size}")
         ids_all = [torch.tensor(tok.encode(text), dtype=torch.long) for text in corpora]
         for ids in ids_all:
             windows(ids, a.seqlen, a.limit)     # every file holds a window before any is evaluated
         for (path, label), ids in zip(data, ids_all):
             t0 = time.time()
             if ref is None:
-                ppl, se = ppl_and_error(token_nll(model, ids, a.seqlen, a.limit, a.batch_size, progress=True))
-                res = dict(ppl=round(ppl, 4), ppl_se=round(se, 4), windows=len(windows(ids, a.seqlen, a.limit)))
-                print(f"{label}: ppl {ppl:.4f} ± {se:.4f} ({res['windows']} windows of {a.seqlen})")
+                nlls = [token_nll(m, ids, a.seqlen, a.limit, a.batch_size, progress=True) for m in models]
+                rows = []
+                for j, nll in enumerate(nlls):
+                    ppl, se = ppl_and_error(nll)
+                    rows.append(dict(ppl=ppl, ppl_se=se, windows=len(windows(ids, a.seqlen, a.limit))))
+                    if j:
+                        d = nll - nlls[0]
+                        rows[-1].update(nll_diff=d.mean().item(), nll_diff_se=d.std().item() / math.sqrt(d.numel()))
             else:
-                res = {k: round(v, 6) if isinstance(v, float) else v
-                       for k, v in compare(ref, model, ids, a.seqlen, a.limit, progress=True).items()}
-                print(f"{label}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} (reference "
-                      f"{res['ref_ppl']:.4f}), KL {res['kl']:.5f} ± {res['kl_se']:.5f}, KL p99 {res['kl_p99']:.4f}, "
-                      f"top-1 agreement {100 * res['top1']:.2f}% ({res['windows']} windows of {a.seqlen})")
-            results.append(dict(ckpt=a.ckpt, ref=a.ref, data=os.path.basename(path), seqlen=a.seqlen, dtype=a.dtype,
-                                seconds=round(time.time() - t0, 1), **res))
+                rows = compare_many(ref, models, ids, a.seqlen, a.limit, progress=True)
+            for j, (ckpt, res) in enumerate(zip(a.ckpt, rows)):
+                res = {k: round(v, 6) if isinstance(v, float) else v for k, v in res.items()}
+                who = f"{ckpt}: " if len(models) > 1 else ""
+                if ref is None:
+                    print(f"{who}{label}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} ({res['windows']} windows of {a.seqlen})")
+                else:
+                    print(f"{who}{label}: ppl {res['ppl']:.4f} ± {res['ppl_se']:.4f} (reference "
+                          f"{res['ref_ppl']:.4f}), KL {res['kl']:.5f} ± {res['kl_se']:.5f}, KL p99 {res['kl_p99']:.4f}, "
+                          f"top-1 agreement {100 * res['top1']:.2f}% ({res['windows']} windows of {a.seqlen})")
+                if j:
+                    print(f"    against {a.ckpt[0]}, paired per token: ppl x{math.exp(res['nll_diff']):.4f} (log "
+                          f"{res['nll_diff']:+.5f} ± {res['nll_diff_se']:.5f})" +
+                          (f", KL {res['kl_diff']:+.5f} ± {res['kl_diff_se']:.5f}" if ref is not None else ""))
+                results.append(dict(ckpt=ckpt, ref=a.ref, data=os.path.basename(path), seqlen=a.seqlen, dtype=a.dtype,
+                                    seconds=round(time.time() - t0, 1), **({"paired_with": a.ckpt[0]} if j else {}), **res))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     for r in results:

@@ -753,6 +753,12 @@ def test_calibrate_save_load_eval_cycle_on_stories260k(tmp_path):
     r = run_cli("eval.py", "--ckpt", out, "--data", os.path.join(SHARED, "data", "wikitext2_test.txt"),
                 "--seqlen", "128", "--limit", "4")
     assert r.returncode == 0 and abs(json.loads(r.stdout.strip().splitlines()[-1])["ppl"] - ppl) < 1e-3
+    r = run_cli("eval.py", "--ckpt", STORIES, out, "--ref", STORIES, "--data", os.path.join(SHARED, "data",
+                "wikitext2_test.txt"), "--seqlen", "128", "--limit", "4")     # several files: one shared reference
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert r.returncode == 0 and [x["ckpt"] for x in rows] == [STORIES, out] and rows[0]["kl"] == 0
+    assert rows[1]["paired_with"] == STORIES and abs(rows[1]["ppl"] - ppl) < 1e-3
+    assert abs(math.exp(rows[1]["nll_diff"]) - ppl / fp) < 1e-3 * ppl / fp and rows[1]["kl_diff"] == rows[1]["kl"]
 
 
 def killed_in_block_3(argv, monkeypatch):
@@ -1005,6 +1011,30 @@ def test_kl_is_zero_against_itself_and_matches_a_float64_reference():
     assert got["top1"] == sum(agree) / len(agree)
     assert abs(got["ppl"] - math.exp(sum(nll) / len(nll))) < 1e-4 * got["ppl"]
     assert abs(got["kl_p99"] - torch.quantile(torch.tensor(kl), 0.99).item()) < 1e-4
+
+
+def test_several_models_share_the_reference_and_are_paired_per_token_against_the_first():
+    args = tiny_args()
+    a, b, c = (llama.Transformer(args) for _ in range(3))
+    for m, seed in ((a, 0), (b, 1), (c, 2)):
+        m.load_state_dict(random_state(args, seed))
+    ids = torch.randint(0, args.vocab_size, (3 * 16 + 5,), generator=torch.Generator().manual_seed(0))
+    got = ev.compare_many(a, [b, c], ids, seqlen=16)
+    assert "kl_diff" not in got[0]
+    kl, nll = {}, {}
+    with torch.no_grad():       # float64 per token, as in the test above
+        for name, m in (("b", b), ("c", c)):
+            kl[name], nll[name] = [], []
+            for w in ids[:48].view(3, 16):
+                lp, lq = (torch.log_softmax(x.double()(w[None])[0, :-1].double(), -1) for x in (a, m))
+                kl[name] += ((lp.exp() * (lp - lq)).sum(-1)).tolist()
+                nll[name] += (-lq[torch.arange(15), w[1:]]).tolist()
+    for key, per_token in (("kl", kl), ("nll", nll)):
+        d = torch.tensor(per_token["c"], dtype=torch.float64) - torch.tensor(per_token["b"], dtype=torch.float64)
+        assert abs(got[1][f"{key}_diff"] - d.mean().item()) < 1e-5 * d.abs().mean().item()
+        assert abs(got[1][f"{key}_diff_se"] - d.std().item() / math.sqrt(45)) < 1e-4 * d.std().item()
+    assert abs(got[0]["kl"] - sum(kl["b"]) / 45) < 1e-5 * got[0]["kl"]
+    assert abs(got[1]["ppl"] - math.exp(sum(nll["c"]) / 45)) < 1e-4 * got[1]["ppl"]
 
 
 def test_sweep_only_selects_full_row_names_exactly():
@@ -1847,6 +1877,8 @@ BAD_INPUTS = {
     "eval data not utf-8": ("UnicodeDecodeError", lambda c, q: evl(c, data=c.write("d.txt", b"\xff\xfe\x00 x \xc3"))),
     "eval data too short": ("fewer than one window", lambda c, q: evl(c, data=c.write("d.txt", "Once upon a time."))),
     "eval out is the checkpoint": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("q.safetensors"), ckpt=c.quantized(q))),
+    "eval ckpt named twice": ("twice", lambda c, q: [*EVAL, "--ckpt", c.stories(), c.p("stories"), "--data", c.text()]),
+    "eval ckpts with other tokenizers": ("tokenizer differs", lambda c, q: [*EVAL, "--ckpt", c.stories(), c.tiny(vocab=1024), "--data", c.text()]),
     "eval out inside the checkpoint": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("stories", "consolidated.00.pth"))),
     "eval out is the data": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("data.txt"))),
     "eval out is a folder": ("directory", lambda c, q: evl(c, "--out", c.p("home"))),
