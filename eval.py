@@ -332,10 +332,11 @@ def main():
         model, t = llama.load(ckpt)
         if t is None:
             raise UserError(f"{ckpt}: no tokenizer found beside the checkpoint")
-        probe = corpora[0][:20000] if corpora else "The quick brown fox.\n\nJumps over the lazy dog."
-        if tok is not None and (model.args.vocab_size != models[0].args.vocab_size or t.encode(probe) != tok.encode(probe)):
+        if tok is None:
+            tok = t
+        elif not a.speed and (model.args.vocab_size != models[0].args.vocab_size or
+                              t.encode(corpora[0][:20000]) != tok.encode(corpora[0][:20000])):
             raise UserError(f"{ckpt}: its tokenizer differs from {a.ckpt[0]}'s: the models cannot share windows")
-        tok = tok or t
         models.append(model)
     ctx = min(m.args.max_seq_len for m in models)
     if (a.speed and 16 + a.tokens > ctx) or (not a.speed and a.seqlen > ctx):
