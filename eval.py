@@ -191,6 +191,11 @@ def ppl_and_error(nll):
     return ppl, ppl * nll.std().item() / math.sqrt(nll.numel())
 
 
+def mean_and_se(t):
+    """(mean, standard error) of per-token values t (N,), as if the tokens were independent (see ppl_and_error)."""
+    return t.mean().item(), t.std().item() / math.sqrt(t.numel())
+
+
 @torch.no_grad()
 def compare_many(ref, models, ids, seqlen=2048, limit=None, progress=False):
     """Every model against `ref` on the same windows, one window at a time, the reference's forward pass shared.
@@ -218,7 +223,7 @@ def compare_many(ref, models, ids, seqlen=2048, limit=None, progress=False):
             nll[j].append(-lm.gather(-1, y)[:, 0].double())
         if progress:
             progress_line("window", i + 1, len(win), t0, " ".join(f"KL {torch.cat(k).mean():.4f}" for k in kl))
-    se = lambda t: t.std().item() / math.sqrt(t.numel())        # noqa: E731
+    se = lambda t: mean_and_se(t)[1]        # noqa: E731
     ref_ppl, ref_ppl_se = ppl_and_error(torch.cat(nll_r))
     out = []
     for j in range(len(models)):
@@ -229,7 +234,7 @@ def compare_many(ref, models, ids, seqlen=2048, limit=None, progress=False):
                  top1=a.mean().item(), top1_se=se(a))
         if j:
             dk, dn = k - torch.cat(kl[0]), n - torch.cat(nll[0])
-            r.update(kl_diff=dk.mean().item(), kl_diff_se=se(dk), nll_diff=dn.mean().item(), nll_diff_se=se(dn))
+            (r["kl_diff"], r["kl_diff_se"]), (r["nll_diff"], r["nll_diff_se"]) = mean_and_se(dk), mean_and_se(dn)
         out.append(r)
     return out
 
@@ -375,8 +380,7 @@ def main():
                     ppl, se = ppl_and_error(nll)
                     rows.append(dict(ppl=ppl, ppl_se=se, windows=len(windows(ids, a.seqlen, a.limit))))
                     if j:
-                        d = nll - nlls[0]
-                        rows[-1].update(nll_diff=d.mean().item(), nll_diff_se=d.std().item() / math.sqrt(d.numel()))
+                        rows[-1]["nll_diff"], rows[-1]["nll_diff_se"] = mean_and_se(nll - nlls[0])
             else:
                 rows = compare_many(ref, models, ids, a.seqlen, a.limit, progress=True)
             for j, (ckpt, res) in enumerate(zip(a.ckpt, rows)):
