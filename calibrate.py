@@ -55,7 +55,7 @@ SHORT = {"attention.rot_qkv": "qkv", "attention.rot_o": "o", "feed_forward.rot_u
 class CalibConfig:
     ckpt: str = "smollm2-135m"
     rotation: str = "butterfly"         # none | hadamard | random | butterfly (learned)
-    calib: Optional[str] = None         # .txt / .jsonl, wikitext2 or c4; None: local WikiText-103 or data-free
+    calib: Optional[str] = None         # .txt / .jsonl, wikitext2 or c4, or a+b; None: WikiText-103 or data-free
     nsamples: int = 32
     seqlen: int = 2048
     seed: int = 0
@@ -75,22 +75,41 @@ def settings(cc, qc, lc):
 # -----------------------------------------------------------------------------
 # calibration data
 
+def calib_sources(calib):
+    """--calib -> its sources: one file or name, or several joined by + (wikitext2+c4); a file whose own name
+    holds a + is one source."""
+    if calib is None or os.path.isfile(calib):
+        return [calib]
+    parts = calib.split("+")
+    if "" in parts:
+        raise UserError(f"--calib {calib}: an empty source")
+    return parts
+
+
 def calibration_samples(cc, model, tok):
-    """(nsamples random windows of seqlen tokens (N, T), a description of their source)."""
-    found = evaluation.resolve_data(cc.calib, "calib") if cc.calib else evaluation.find_dataset("wikitext2", "calib")
-    if found is None:   # on the device: sampling is most of a data-free run's forward passes
+    """(nsamples random windows of seqlen tokens (N, T), a description of their source). Several sources share
+    the samples evenly (the first ones take the remainder), each drawn from its own text with one generator."""
+    if cc.calib is None and evaluation.find_dataset("wikitext2", "calib") is None:
         ids = evaluation.sample_text(model.to(cc.device), tok, cc.nsamples, cc.seqlen, cc.seed, "data-free calibration")
-        model.cpu()
+        model.cpu()     # on the device: sampling is most of a data-free run's forward passes
         return ids, "data-free: sampled from the model"
-    path, label = found
-    g = torch.Generator().manual_seed(cc.seed)
-    ids = evaluation.tokenize_corpus(tok, path)
-    if ids.numel() and ids.max() >= model.args.vocab_size:
-        raise UserError(f"the tokenizer produces id {int(ids.max())}, beyond the model's vocabulary ({model.args.vocab_size})")
-    if ids.numel() <= cc.seqlen:
-        raise UserError(f"{path}: {ids.numel()} tokens, fewer than one sample of --seqlen {cc.seqlen}")
-    starts = torch.randint(0, ids.numel() - cc.seqlen, (cc.nsamples,), generator=g)
-    return torch.stack([ids[s:s + cc.seqlen] for s in starts.tolist()]), f"{label} ({ids.numel()} tokens)"
+    sources = calib_sources(cc.calib)
+    if len(sources) > cc.nsamples:
+        raise UserError(f"--calib {cc.calib}: {len(sources)} sources for --nsamples {cc.nsamples}")
+    g, picked, labels = torch.Generator().manual_seed(cc.seed), [], []
+    for i, src in enumerate(sources):
+        path, label = evaluation.resolve_data(src, "calib")
+        ids = evaluation.tokenize_corpus(tok, path)
+        if ids.numel() and ids.max() >= model.args.vocab_size:
+            raise UserError(f"the tokenizer produces id {int(ids.max())}, beyond the model's vocabulary "
+                            f"({model.args.vocab_size})")
+        if ids.numel() <= cc.seqlen:
+            raise UserError(f"{path}: {ids.numel()} tokens, fewer than one sample of --seqlen {cc.seqlen}")
+        n = cc.nsamples // len(sources) + (i < cc.nsamples % len(sources))
+        starts = torch.randint(0, ids.numel() - cc.seqlen, (n,), generator=g)
+        picked += [ids[s:s + cc.seqlen] for s in starts.tolist()]
+        labels.append(f"{label} ({ids.numel()} tokens)" if len(sources) == 1 else f"{n} of {label} ({ids.numel()} tokens)")
+    return torch.stack(picked), " + ".join(labels)
 
 
 # -----------------------------------------------------------------------------
@@ -867,8 +886,9 @@ def parse_args(argv=None):
     p.add_argument("--calib", "--cal_dataset", default=None,
                    help="calibration text (.txt or .jsonl), or wikitext2 (WikiText-103 valid locally, else WikiText-2 "
                         "train) or c4 (en train shard 00000), found in $BQ_DATA, ../shared/data, the cache, then the "
-                        "Hugging Face hub (needs `pip install datasets`); default: local WikiText-103 valid, else "
-                        "data-free: text sampled from the model itself")
+                        "Hugging Face hub (needs `pip install datasets`); several joined by + (wikitext2+c4) share "
+                        "the samples evenly; default: local WikiText-103 valid, else data-free: text sampled from "
+                        "the model itself")
     p.add_argument("--nsamples", type=int, default=None,
                    help="calibration samples (default: 128, the paper's, on a GPU; 32 on CPU, where 128 x 2048 "
                         "tokens take ~40 minutes of forward passes for SmolLM2 on 2 cores; data-free on CPU: %d)"
@@ -983,7 +1003,7 @@ def parse_args(argv=None):
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"
                                     f"{'-e2e' + str(cc.finetune) if cc.finetune else ''}.safetensors")
-    inputs = [a.finetune_from, cc.ckpt, cc.calib, os.path.join(SHARED_DATA, "wikitext103_valid.txt")] + (a.eval_data or [])
+    inputs = [a.finetune_from, cc.ckpt, *calib_sources(cc.calib), os.path.join(SHARED_DATA, "wikitext103_valid.txt")] + (a.eval_data or [])
     llama.check_output(a.out, inputs, suffix=".safetensors")
     if os.path.isfile(a.out):
         try:
@@ -1007,8 +1027,9 @@ def main(argv=None):
         llama.resolve_ckpt(cc.ckpt)     # one clear line for an unknown name
     if cc.ckpt.endswith(".safetensors"):
         raise UserError(f"{cc.ckpt} is a calibrated (already quantized) file: calibrate its full-precision checkpoint")
-    if cc.calib is not None and not os.path.isfile(evaluation.resolve_data(cc.calib, "calib")[0]):
-        raise UserError(f"calibration file not found: {cc.calib}")
+    for src in calib_sources(cc.calib) if cc.calib is not None else []:
+        if not os.path.isfile(evaluation.resolve_data(src, "calib")[0]):
+            raise UserError(f"calibration file not found: {src}")
     if o["sweep"]:
         files = o["eval_data"] if o["eval_data"] is not None else [
             os.path.join(SHARED_DATA, f) for f in ("wikitext2_test.txt", "c4_eval.jsonl")]

@@ -716,6 +716,34 @@ def tiny_calibrate(tmp_path, *extra, ckpt=None):
     return out, argv
 
 
+def test_calibration_mix_shares_the_samples_and_one_source_is_drawn_as_before(tmp_path):
+    """--calib a+b: 5 samples are 3 windows of a's tokens then 2 of b's, drawn with one seeded generator; a single
+    source draws exactly the windows torch.randint gives for that seed."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(chr(65 + i % 26) for i in range(300)))
+    b.write_text("".join(chr(97 + i % 26) for i in range(200)))
+    tok = types.SimpleNamespace(encode=lambda text: [ord(ch) for ch in text])
+    model = types.SimpleNamespace(args=types.SimpleNamespace(vocab_size=128))
+    ids_a, ids_b = [torch.tensor([ord(ch) for ch in p.read_text()]) for p in (a, b)]
+
+    cc = calibrate.CalibConfig(calib=str(a), nsamples=5, seqlen=16, seed=3)
+    got, label = calibrate.calibration_samples(cc, model, tok)
+    starts = torch.randint(0, 300 - 16, (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert torch.equal(got, torch.stack([ids_a[s:s + 16] for s in starts])) and "300 tokens" in label
+
+    (tmp_path / "b+c.txt").write_text("x")      # a + inside a file's own name is not a mix
+    assert calibrate.calib_sources(str(tmp_path / "b+c.txt")) == [str(tmp_path / "b+c.txt")]
+    got, label = calibrate.calibration_samples(replace(cc, calib=f"{a}+{b}"), model, tok)
+    g = torch.Generator().manual_seed(3)
+    sa, sb = torch.randint(0, 300 - 16, (3,), generator=g).tolist(), torch.randint(0, 200 - 16, (2,), generator=g).tolist()
+    assert torch.equal(got, torch.stack([ids_a[s:s + 16] for s in sa] + [ids_b[s:s + 16] for s in sb]))
+    assert label.startswith("3 of a.txt") and " + 2 of b.txt" in label
+    with pytest.raises(llama.UserError, match="empty source"):
+        calibrate.calib_sources(f"{a}++{b}")
+    with pytest.raises(llama.UserError, match="2 sources for --nsamples 1"):
+        calibrate.calibration_samples(replace(cc, calib=f"{a}+{a}", nsamples=1), model, tok)
+
+
 @needs_shared
 @pytest.mark.parametrize("rotation", ["hadamard", "random"])
 def test_fixed_rotation_files_rebuild_their_matrices_and_keep_the_logits_at_8_bits(tmp_path, rotation):
@@ -1922,6 +1950,9 @@ BAD_INPUTS = {
         a for a in cal(c, None, "--eval_data", c.write("e.jsonl", '{"text": null}\n')) if a != "--no_eval"]),
     "cal calib missing": ("not found", lambda c, q: cal(c, None, "--calib", c.p("missing.txt"))),
     "cal calib jsonl text null": ("line 1", lambda c, q: cal(c, None, "--calib", c.write("c.jsonl", '{"text": null}\n'))),
+    "cal calib mix with a missing source": ("not found", lambda c, q: cal(c, None, "--calib", c.write(
+        "c.txt", "Short.") + "+" + c.p("missing.txt"))),
+    "cal calib mix with an empty source": ("empty source", lambda c, q: cal(c, None, "--calib", "wikitext2++c4")),
     "cal calib too short": ("fewer than one sample", lambda c, q: cal(c, None, "--calib", c.write("c.txt", "Short."))),
     "cal NaN embedding row": ("tok_embeddings", lambda c, q: cal(c, c.tiny(edit=nan_at("tok_embeddings.weight", 3)))),
     "cal tokenizer beyond the vocabulary": ("vocabulary", lambda c, q: cal(c, c.tiny(vocab=97))),
