@@ -796,7 +796,8 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
     """Every selected row through calibrate() with its objective's default learning settings, then perplexity,
     KL and top-1 agreement against the unquantized model on every eval file. Finished rows are kept in `path`:
     a rerun continues where it stopped. Prints the table: mean and spread (min-max) over seeds."""
-    done = {}
+    done, names = {}, [os.path.basename(f) for f in eval_files]
+    grid = dict(ckpt=cc.ckpt, calib=cc.calib, nsamples=cc.nsamples, seqlen=cc.seqlen, eval_limit=eval_limit)
     if os.path.isfile(path):
         for i, line in enumerate(open(path), 1):
             try:
@@ -804,13 +805,21 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
                 done[r["tag"]] = r
             except (ValueError, KeyError, TypeError):
                 raise UserError(f"{path} line {i}: not a sweep result; fix or delete the line") from None
+            for k, v in grid.items():       # rows written before ckpt, calib and seqlen were recorded: the defaults
+                was = r.get(k, dict(ckpt="smollm2-135m", calib=None, seqlen=2048).get(k))
+                if was != v:
+                    raise UserError(f"{path} line {i} ({r['tag']}) was made with {k} {was}, this run has {v}: one "
+                                    f"file holds one grid; move {path} aside to start another")
+            if any(n not in r for n in names):
+                raise UserError(f"{path} line {i} ({r['tag']}) was not evaluated on "
+                                f"{next(n for n in names if n not in r)}; move {path} aside to start another grid")
     fp, tok = llama.load(cc.ckpt)
     fp.to(cc.device)
-    data = {os.path.basename(f): evaluation.tokenize_corpus(tok, f) for f in eval_files}
+    data = {n: evaluation.tokenize_corpus(tok, f) for n, f in zip(names, eval_files)}
     for tag, row in sweep_rows(only):
         if tag in done:
             continue
-        r = dict(tag=tag, device=cc.device, nsamples=cc.nsamples, eval_limit=eval_limit)
+        r = dict(tag=tag, device=cc.device, **grid)
         if row is None:
             r.update(bits_per_weight=16.0, calibration_seconds=0.0)
             for name, ids in data.items():
@@ -824,6 +833,11 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
                 src = f"out/sweep-{row['base']}.safetensors"
                 if not os.path.isfile(src):
                     calibrate(crow, qrow, lrow, src)
+                made = {k: v for k, v in llama.read_safetensors(src, tensors=False)[0]["settings"].items()
+                        if k != "ckpt_fingerprint"}
+                if made != json.loads(json.dumps(settings(crow, qrow, lrow))):
+                    raise UserError(f"{src} was made with other settings than row {tag} asks of its base; move it "
+                                    f"aside")
                 fp.cpu()        # finetune_file holds its own reference model
                 res = finetune_file(replace(crow, finetune=SWEEP_FINETUNE), src, out)
                 fp.to(cc.device)

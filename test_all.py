@@ -1084,6 +1084,23 @@ def test_sweep_only_selects_full_row_names_exactly():
         (3, 128, False, "butterfly", "block", True, 2)
 
 
+@needs_shared
+def test_sweep_end_to_end_row_refuses_a_base_file_made_with_other_settings(tmp_path, monkeypatch):
+    """An -e2e row starts from its base row's file when it exists: one made at group 32 is not w2g64's base."""
+    monkeypatch.chdir(tmp_path)
+    base = os.path.join("out", "sweep-w2g64-rtn-hadamard-s0.safetensors")
+    _, argv = tiny_calibrate(tmp_path, "--rotation", "hadamard", "--rtn")
+    argv[argv.index("--out") + 1] = base
+    calibrate.main(argv)
+    before = open(base, "rb").read()
+    flags = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
+    flags = [f for f in flags if f != "--no_eval"]
+    with pytest.raises(llama.UserError, match="other settings than row w2g64-rtn-hadamard-e2e-s0"):
+        calibrate.main(flags + ["--sweep", "--sweep_only", "w2g64-rtn-hadamard-e2e-s0", "--eval_limit", "1",
+                                "--eval_data", os.path.join(SHARED, "data", "wikitext2_test.txt")])
+    assert open(base, "rb").read() == before
+
+
 # -----------------------------------------------------------------------------
 # kernels.py: Triton kernels against their PyTorch references (interpreter on CPU, real GPU when present)
 
@@ -1698,6 +1715,12 @@ GEN = ["llama.py", "--max_new_tokens", "4", "--temperature", "0", "--device", "c
 EVAL = ["eval.py", "--seqlen", "32", "--limit", "2", "--device", "cpu"]
 
 
+def sweep_row(c, **kw):
+    """out/sweep.jsonl in the case's cwd with one finished row of a grid made with cal()'s settings and kw."""
+    row = dict(tag="fp", ckpt=c.p("stories"), nsamples=2, seqlen=32, eval_limit=16, **kw)
+    c.write(os.path.join("cwd", "out", "sweep.jsonl"), json.dumps(row) + "\n")
+
+
 def cal(c, ckpt=None, *extra, calib=True):
     """calibrate.py on stories260K (or ckpt) with tiny settings, no evaluation, --out in the case folder."""
     return ["calibrate.py", "--ckpt", ckpt or c.stories(), "--out", c.p("q.safetensors"), *CAL_FLAGS, "--no_eval",
@@ -1972,6 +1995,10 @@ BAD_INPUTS = {
     "cal finetune_from a plain safetensors": ("not a ButterflyQuant file", lambda c, q: ft(c, (save_file(
         {"x": torch.ones(2)}, c.p("plain.safetensors")), c.p("plain.safetensors"))[1])),
     "cal finetune_from with nsamples": ("drop --nsamples", lambda c, q: ft(c, c.quantized(q), "--nsamples", "3")),
+    "cal sweep resumed with another calib": ("was made with calib None", lambda c, q: (
+        sweep_row(c, calib=None), cal(c, None, "--sweep"))[1]),
+    "cal sweep resumed on other eval data": ("not evaluated on data.txt", lambda c, q: (
+        sweep_row(c, calib=c.p("calib.txt")), cal(c, None, "--sweep", "--eval_data", c.text()))[1]),
     "cal sweep with finetune": ("--sweep runs its own", lambda c, q: cal(c, None, "--sweep", "--finetune", "2")),
     "cal kl objective from best": ("kl objective", lambda c, q: cal(c, None, "--objective", "kl", "--init", "best")),
     "cal partial kl transforms truncated": ("kl_transforms", lambda c, q: partial_kl_edit(c)),
