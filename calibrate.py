@@ -108,7 +108,7 @@ def calibration_samples(cc, model, tok):
         n = cc.nsamples // len(sources) + (i < cc.nsamples % len(sources))
         starts = torch.randint(0, ids.numel() - cc.seqlen, (n,), generator=g)
         picked += [ids[s:s + cc.seqlen] for s in starts.tolist()]
-        labels.append(f"{label} ({ids.numel()} tokens)" if len(sources) == 1 else f"{n} of {label} ({ids.numel()} tokens)")
+        labels.append(("" if len(sources) == 1 else f"{n} of ") + f"{label} ({ids.numel()} tokens)")
     return torch.stack(picked), " + ".join(labels)
 
 
@@ -833,7 +833,7 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
                 src = f"out/sweep-{row['base']}.safetensors"
                 if not os.path.isfile(src):
                     calibrate(crow, qrow, lrow, src)
-                made = {k: v for k, v in llama.read_safetensors(src, tensors=False)[0]["settings"].items()
+                made = {k: v for k, v in llama.read_safetensors(src, tensors=False)[0].get("settings", {}).items()
                         if k != "ckpt_fingerprint"}
                 if made != json.loads(json.dumps(settings(crow, qrow, lrow))):
                     raise UserError(f"{src} was made with other settings than row {tag} asks of its base; move it "
@@ -1017,7 +1017,8 @@ def parse_args(argv=None):
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"
                                     f"{'-e2e' + str(cc.finetune) if cc.finetune else ''}.safetensors")
-    inputs = [a.finetune_from, cc.ckpt, *calib_sources(cc.calib), os.path.join(SHARED_DATA, "wikitext103_valid.txt")] + (a.eval_data or [])
+    inputs = [a.finetune_from, cc.ckpt, *calib_sources(cc.calib), os.path.join(SHARED_DATA, "wikitext103_valid.txt"),
+              *(a.eval_data or [])]
     llama.check_output(a.out, inputs, suffix=".safetensors")
     if os.path.isfile(a.out):
         try:
