@@ -184,16 +184,16 @@ def perplexity(model, ids, seqlen=2048, limit=None, batch_size=1, progress=False
     return math.exp(token_nll(model, ids, seqlen, limit, batch_size, progress).mean())
 
 
-def ppl_and_error(nll):
-    """(perplexity, its standard error): exp(mean) with the delta method, se(ppl) = ppl * std(nll) / sqrt(N).
-    Tokens inside a window are not independent, so this understates the spread; it is llama.cpp's estimate."""
-    ppl = math.exp(nll.mean())
-    return ppl, ppl * nll.std().item() / math.sqrt(nll.numel())
-
-
 def mean_and_se(t):
-    """(mean, standard error) of per-token values t (N,), as if the tokens were independent (see ppl_and_error)."""
+    """(mean, standard error) of per-token values t (N,), as if the tokens were independent. Tokens inside a window
+    are not, so this understates the spread; it is llama.cpp's estimate."""
     return t.mean().item(), t.std().item() / math.sqrt(t.numel())
+
+
+def ppl_and_error(nll):
+    """(perplexity, its standard error): exp(mean) with the delta method, se(ppl) = ppl * se(nll)."""
+    m, se = mean_and_se(nll)
+    return math.exp(m), math.exp(m) * se
 
 
 @torch.no_grad()
@@ -223,15 +223,13 @@ def compare_many(ref, models, ids, seqlen=2048, limit=None, progress=False):
             nll[j].append(-lm.gather(-1, y)[:, 0].double())
         if progress:
             progress_line("window", i + 1, len(win), t0, " ".join(f"KL {torch.cat(k).mean():.4f}" for k in kl))
-    se = lambda t: mean_and_se(t)[1]        # noqa: E731
     ref_ppl, ref_ppl_se = ppl_and_error(torch.cat(nll_r))
     out = []
     for j in range(len(models)):
         k, a, n = torch.cat(kl[j]), torch.cat(agree[j]), torch.cat(nll[j])
-        ppl, ppl_se = ppl_and_error(n)
+        (ppl, ppl_se), (m_kl, se_kl), (m_top1, se_top1) = ppl_and_error(n), mean_and_se(k), mean_and_se(a)
         r = dict(windows=len(win), tokens=k.numel(), ppl=ppl, ppl_se=ppl_se, ref_ppl=ref_ppl, ref_ppl_se=ref_ppl_se,
-                 kl=k.mean().item(), kl_se=se(k), kl_p99=torch.quantile(k.float(), 0.99).item(),
-                 top1=a.mean().item(), top1_se=se(a))
+                 kl=m_kl, kl_se=se_kl, kl_p99=torch.quantile(k.float(), 0.99).item(), top1=m_top1, top1_se=se_top1)
         if j:
             dk, dn = k - torch.cat(kl[0]), n - torch.cat(nll[0])
             (r["kl_diff"], r["kl_diff_se"]), (r["nll_diff"], r["nll_diff_se"]) = mean_and_se(dk), mean_and_se(dn)
