@@ -93,7 +93,7 @@ def calibration_samples(cc, model, tok):
         ids = evaluation.sample_text(model.to(cc.device), tok, cc.nsamples, cc.seqlen, cc.seed, "data-free calibration")
         model.cpu()     # on the device: sampling is most of a data-free run's forward passes
         return ids, "data-free: sampled from the model"
-    sources = calib_sources(cc.calib)
+    sources = calib_sources(cc.calib) if cc.calib is not None else ["wikitext2"]     # the local one, found above
     if len(sources) > cc.nsamples:
         raise UserError(f"--calib {cc.calib}: {len(sources)} sources for --nsamples {cc.nsamples}")
     g, picked, labels = torch.Generator().manual_seed(cc.seed), [], []

@@ -716,9 +716,10 @@ def tiny_calibrate(tmp_path, *extra, ckpt=None):
     return out, argv
 
 
-def test_calibration_mix_shares_the_samples_and_one_source_is_drawn_as_before(tmp_path):
+def test_calibration_mix_shares_the_samples_and_one_source_is_drawn_as_before(tmp_path, monkeypatch):
     """--calib a+b: 5 samples are 3 windows of a's tokens then 2 of b's, drawn with one seeded generator; a single
-    source draws exactly the windows torch.randint gives for that seed."""
+    source draws exactly the windows torch.randint gives for that seed, and so does the default (no --calib), from
+    the local WikiText-103 valid."""
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("".join(chr(65 + i % 26) for i in range(300)))
     b.write_text("".join(chr(97 + i % 26) for i in range(200)))
@@ -742,6 +743,11 @@ def test_calibration_mix_shares_the_samples_and_one_source_is_drawn_as_before(tm
         calibrate.calib_sources(f"{a}++{b}")
     with pytest.raises(llama.UserError, match="2 sources for --nsamples 1"):
         calibrate.calibration_samples(replace(cc, calib=f"{a}+{a}", nsamples=1), model, tok)
+
+    monkeypatch.setenv("BQ_DATA", str(tmp_path))      # no --calib: the local WikiText-103 valid, found in $BQ_DATA
+    os.rename(a, tmp_path / "wikitext103_valid.txt")
+    got, label = calibrate.calibration_samples(replace(cc, calib=None), model, tok)
+    assert torch.equal(got, torch.stack([ids_a[s:s + 16] for s in starts])) and label.startswith("wikitext103_valid.txt")
 
 
 @needs_shared
