@@ -251,58 +251,61 @@ def expand_groups(t, n, group):
     return t.repeat_interleave(g, dim=1)[:, :n]
 
 
-def quantize(w, cfg: QuantConfig, H=None, gamma=None):
-    """Round to nearest: w (R, n) -> integers q (R, n) uint8, scale (R, G), zero (R, G).
-    The range of each group: min-max shrunk by the clip search (cfg.clip), or by learned factors
-    sigmoid(gamma) (2, R, G) (OmniQuant's learnable weight clipping). Given the inputs' H (n, n), each row takes
-    the best of three ranges by its own loss e H e^T: the search scored by the error weighted with diag(H), the
-    unweighted search, and min-max. The layer loss trace(E H E^T) is a sum over rows, so it is never above
-    that of any of the three."""
+def clip_choice(w, cfg: QuantConfig, H=None):
+    """The shrink p (R, G) of each group's [min, max] that RTN rounds w (R, n) on: the clip search's (1 where it
+    keeps min-max, or without cfg.clip), and given the inputs' H (n, n), each row's best of three ranges by its own
+    loss e H e^T: the search scored by the error weighted with diag(H), the unweighted search, and min-max. The
+    layer loss trace(E H E^T) is a sum over rows, so it is never above that of any of the three."""
     R, n = w.shape
     wg, mask = _grouped(w.float(), cfg.group)
     G, g = mask.shape
 
-    def rtn(scale, zero):
-        return torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
-
     def search(weight):
-        s, z = quant_params(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip,
-                            mask=None if weight is None else weight.expand(R, G, g).reshape(R * G, g))
-        return s.view(R, G), z.view(R, G)
+        p = clip_search(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip,
+                        mask=None if weight is None else weight.expand(R, G, g).reshape(R * G, g))[2]
+        return p.view(R, G)
 
-    if gamma is not None:
-        scale, zero = _minmax_params(wg.amin(-1) * torch.sigmoid(gamma[0]), wg.amax(-1) * torch.sigmoid(gamma[1]),
-                                     cfg.bits, cfg.sym)
-        return rtn(scale, zero).view(R, G * g)[:, :n].to(torch.uint8), scale, zero
-    scale, zero = search(mask if mask.min() == 0 else None)
+    p = search(mask if mask.min() == 0 else None)
     if H is not None and cfg.clip:
-        def row_loss(s, z):
-            E = (s[..., None] * (rtn(s, z) - z[..., None])).view(R, G * g)[:, :n] - w.float()
+        def row_loss(p):
+            s, z = _minmax_params(wg.amin(-1) * p, wg.amax(-1) * p, cfg.bits, cfg.sym)
+            q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, 2 ** cfg.bits - 1)
+            E = (s[..., None] * (q - z[..., None])).view(R, G * g)[:, :n] - w.float()
             return ((E @ H.float()) * E).sum(1)
-        best = row_loss(scale, zero)
+        best = row_loss(p)
         diag = _grouped(torch.diagonal(H).float().view(1, n), cfg.group)[0] * mask
-        for s, z in (search(diag), _minmax_params(wg.amin(-1), wg.amax(-1), cfg.bits, cfg.sym)):
-            loss = row_loss(s, z)
-            better = (loss < best)[:, None]
-            scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(loss, best)
-    return rtn(scale, zero).view(R, G * g)[:, :n].to(torch.uint8), scale, zero
+        for other in (search(diag), torch.ones_like(p)):
+            loss = row_loss(other)
+            p, best = torch.where((loss < best)[:, None], other, p), torch.minimum(loss, best)
+    return p
+
+
+def quantize(w, cfg: QuantConfig, H=None, gamma=None):
+    """Round to nearest: w (R, n) -> integers q (R, n) uint8, scale (R, G), zero (R, G).
+    The range of each group: min-max shrunk by clip_choice (the clip search, each row's best of three by
+    e H e^T given H), or by learned factors sigmoid(gamma) (2, R, G) (OmniQuant's learnable weight clipping)."""
+    R, n = w.shape
+    wg, mask = _grouped(w.float(), cfg.group)
+    G, g = mask.shape
+    if gamma is not None:
+        lo, hi = torch.sigmoid(gamma[0]), torch.sigmoid(gamma[1])
+    else:
+        lo = hi = clip_choice(w, cfg, H)
+    scale, zero = _minmax_params(wg.amin(-1) * lo, wg.amax(-1) * hi, cfg.bits, cfg.sym)
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
+    return q.view(R, G * g)[:, :n].to(torch.uint8), scale, zero
 
 
 def clip_logits(w, cfg: QuantConfig, pmax=0.99):
     """Learned clip factors that start where the clip search ends: gamma (2, R, G) with sigmoid(gamma) the
     search's shrink of each group's [min, max] (at most pmax, so that the logit stays finite and learnable)."""
-    R, n = w.shape
-    wg, mask = _grouped(w.float(), cfg.group)
-    G, g = mask.shape
-    weight = None if mask.min() > 0 else mask.expand(R, G, g).reshape(R * G, g)
-    p = clip_search(wg.reshape(R * G, g), cfg.bits, cfg.sym, cfg.clip, mask=weight)[2].view(R, G)
-    return torch.logit(p.clamp(max=pmax)).expand(2, R, G).clone()
+    return torch.logit(clip_choice(w, cfg).clamp(max=pmax)).expand(2, -1, -1).clone()
 
 
-def clip_grid(w, cfg: QuantConfig):
-    """The clip search's ranges of w (R, n) as logits (2, R, G) on which fake_quant_ste is, in the forward pass,
-    quantize(w, cfg) without H (a shrink of 1 kept: sigmoid(logit(1 - 1e-6)) rounds to it at these bits)."""
-    return clip_logits(w, cfg, pmax=1 - 1e-6)
+def clip_grid(w, cfg: QuantConfig, H=None):
+    """quantize's ranges of w (R, n) as logits (2, R, G) on which fake_quant_ste is, in the forward pass,
+    quantize(w, cfg, H) (a shrink of 1 kept: sigmoid(logit(1 - 1e-6)) rounds to it at these bits)."""
+    return torch.logit(clip_choice(w, cfg, H).clamp(max=1 - 1e-6)).expand(2, -1, -1).clone()
 
 
 def dequantize(q, scale, zero, group):
@@ -452,7 +455,7 @@ def uniformity_loss(z, bits, temperature=0.5):
 @dataclass
 class LearnConfig:
     init: Optional[str] = None    # identity | hadamard | rhadamard | random | best (the better of identity and
-                                  # hadamard); gptq and kl: rhadamard (kl on rtnclip: identity), else best
+                                  # hadamard); gptq and kl: rhadamard (kl on rtnclip or rtnh: identity), else best
     steps: Optional[int] = None   # per site (layer: 30, gptq: 300), per block (block: 20) or model (kl: 80)
     lr: Optional[float] = None    # layer: 0.5 with SGD; gptq: 0.02, block and kl: 0.01 with Adam
     rows: int = 512           # output rows per step: the loss is a sum over rows, so a subset estimates it; 0 = all
@@ -466,11 +469,12 @@ class LearnConfig:
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
     lwc: bool = False         # block and kl objectives: also learn per-group clip factors (used by RTN and GPTQ)
     clip_lr: Optional[float] = None  # their learning rate (Adam; block: 5e-3 from 0.98, kl: 1e-2 from the search)
-    refresh: int = 10         # gptq objective and kl's gptq and rtnclip stand-ins: steps between recomputations
+    refresh: int = 10         # gptq objective and kl's gptq, rtnclip, rtnh stand-ins: steps between recomputations
                               # of d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky), or of the clip search's ranges
     kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips),
                                # rtnclip (RTN on the unweighted clip search's ranges; calibrate.py's default
-                               # under --rtn without --lwc) or gptq (fake_quant_gptq_ste, on the clip search's
+                               # under --rtn without --lwc), rtnh (on the file's RTN ranges: the search with
+                               # its H-scored choice per row, H at every site) or gptq (fake_quant_gptq_ste, on the clip search's
                                # grid or the learned clips; calibrate.py's default under GPTQ)
 
     def __post_init__(self):
@@ -479,7 +483,7 @@ class LearnConfig:
         if self.objective not in defaults:
             raise ValueError(f"unknown objective {self.objective!r}")
         init, steps, lr, optim = defaults[self.objective]
-        init = "identity" if self.kl_quantizer == "rtnclip" else init     # the unrotated model is its stand-in's best start
+        init = "identity" if self.kl_quantizer in ("rtnclip", "rtnh") else init     # the unrotated model: the best start
         self.init = init if self.init is None else self.init
         self.steps = steps if self.steps is None else self.steps
         self.lr = lr if self.lr is None else self.lr
@@ -494,13 +498,13 @@ class LearnConfig:
         if self.objective == "kl" and (self.init == "best" or self.optim != "adam"):
             raise ValueError("the kl objective starts every site from one --init (identity, hadamard, rhadamard or "
                              "random; 'best' needs a layer loss) and learns with adam")
-        if self.kl_quantizer not in ("rtn", "rtnclip", "gptq"):
+        if self.kl_quantizer not in ("rtn", "rtnclip", "rtnh", "gptq"):
             raise ValueError(f"unknown kl quantizer {self.kl_quantizer!r}")
         if self.kl_quantizer != "rtn" and self.objective != "kl":
             raise ValueError(f"the {self.kl_quantizer} stand-in (--kl_quantizer {self.kl_quantizer}) is the kl objective's only")
-        if self.kl_quantizer == "rtnclip" and self.lwc:
-            raise ValueError("--kl_quantizer rtnclip learns on the clip search's ranges, --lwc learns its own: "
-                             "drop one of them")
+        if self.kl_quantizer in ("rtnclip", "rtnh") and self.lwc:
+            raise ValueError(f"--kl_quantizer {self.kl_quantizer} learns on the clip search's ranges, --lwc learns "
+                             f"its own: drop one of them")
         if self.optim not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optim!r}")
         if self.steps < 0 or self.rows < 0 or self.checkpoints < 1:

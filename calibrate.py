@@ -288,7 +288,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
                         f"0 is one group per row")
     llama.check_memory(3 * cc.nsamples * cc.seqlen * args.dim * 4, f"--nsamples {cc.nsamples} x --seqlen {cc.seqlen}")
     if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
-        check_kl_memory(model, cc.device, lc.kl_quantizer == "gptq")
+        check_kl_memory(model, cc.device, lc.kl_quantizer in ("gptq", "rtnh"), lc.kl_quantizer == "gptq")
     for path in eval_files:     # fail now, not after calibrating
         evaluation.windows(evaluation.tokenize_corpus(tok, path), cc.seqlen)
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
@@ -537,7 +537,8 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 #   min_{T}  KL( p(. | fp model)  ||  p(. | model with every linear y = Q(W T_s^T) (T_s x)) ),  Q straight-through RTN
 #
 # on min-max ranges (kl_quantizer rtn) or on the clip search's, recomputed every `refresh` steps (rtnclip: the final
-# RTN's ranges, less its H-scored choice per row; the default under --rtn); or, with kl_quantizer gptq (the default
+# RTN's ranges, less its H-scored choice per row, the default under --rtn; rtnh: the final RTN's ranges, H-scored
+# choice included, H_s from the unquantized model's inputs at site s); or, with kl_quantizer gptq (the default
 # under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error model, H_s from the unquantized model's
 # inputs at site s. SpinQuant learns its rotations this way (then quantizes
 # with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with
@@ -548,7 +549,7 @@ class FakeQuantLinear(nn.Module):
     to Q's error, and gradients reach T through both, and the clip factors sigmoid(gamma) (2, out, groups) when
     given. With `feedback` = F(T H T^T) set, Q is GPTQ's stand-in (bq.fake_quant_gptq_ste) on the grid of the
     learned clip factors, else of the fixed ones in `grid`; without it, straight-through RTN on the learned clip
-    factors, else on `grid` (kl_quantizer rtnclip), else min-max."""
+    factors, else on `grid` (kl_quantizer rtnclip or rtnh), else min-max."""
 
     def __init__(self, weight, T, qc, gamma=None):
         super().__init__()
@@ -588,23 +589,24 @@ def site_hessians(model, samples, device):
     return {k: (acc.pop(k) / samples.numel()).float().cpu() for k in list(acc)}
 
 
-def check_kl_memory(model, device, stand_in):
+def check_kl_memory(model, device, hessians, feedback):
     """Refuse, before any work, a kl objective whose tensors alone outgrow the device (or, for H, host memory):
-    the model in fp32 and the reference in its own dtype, plus with the GPTQ stand-in F at every site, sum(n^2)
-    floats, while H waits in host memory; before that, H summed in float64 on the device beside the model alone
-    (LLaMA-2-7B: 27 + 13 + 22 GB learning, 27 + 44 GB summing; 22 GB of H in host memory)."""
+    the model in fp32 and the reference in its own dtype, plus with the GPTQ stand-in (`feedback`) F at every site,
+    sum(n^2) floats; with H at every site (`hessians`: the gptq and rtnh stand-ins) H waits in host memory, and
+    before learning is summed in float64 on the device beside the model alone (LLaMA-2-7B: 27 + 13 + 22 GB
+    learning with F, 27 + 44 GB summing; 22 GB of H in host memory)."""
     params = list(model.parameters())
     P, ref_bytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     n = [model.layers[0].get_submodule(names[0]).in_features for _, names in SITES]
-    sites = len(model.layers) * sum(k * k for k in n) * 4 if stand_in else 0       # bytes of F (or of H) in fp32
-    if stand_in:
-        llama.check_memory(sites, "the kl objective's GPTQ stand-in (H at every site, in host memory)")
+    sites = len(model.layers) * sum(k * k for k in n) * 4 if hessians else 0      # bytes of F (or of H) in fp32
+    if hessians:
+        llama.check_memory(sites, "the kl objective's stand-in (H at every site, in host memory)")
     if str(device).startswith("cuda"):
-        need = 4 * P + max(ref_bytes + sites, 2 * sites)
+        need = 4 * P + max(ref_bytes + (sites if feedback else 0), 2 * sites)
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         if need > total:
             raise UserError(f"the kl objective needs at least {need / 2 ** 30:.1f} GiB on {device} (the model in fp32, "
-                            f"the reference{', GPTQ feedback at every site' if stand_in else ''}), which has "
+                            f"the reference{', GPTQ feedback at every site' if feedback else ''}), which has "
                             f"{total / 2 ** 30:.1f} GiB: use --objective layer (one site at a time)")
 
 
@@ -620,7 +622,7 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     for block in model.layers:
         block.float()
     hessians = None
-    if lc.kl_quantizer == "gptq":       # the reference waits in host memory while the float64 sums take its place
+    if lc.kl_quantizer in ("gptq", "rtnh"):     # the reference waits in host memory while the float64 sums take its place
         ref.cpu()
         hessians = site_hessians(model, samples, dev)
         ref.to(dev)
@@ -646,15 +648,16 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     @torch.no_grad()
     def refresh():      # the gptq stand-in's F(T H T^T); the clip search's grid where no clip factors are learned
         for T, key, fakes in sites:
-            feedback = None         # rtnclip: the grid alone
+            Hr = None       # rtnclip: the unweighted search's grid alone
             if hessians is not None:
                 M = T.matrix() if isinstance(T, bq.Transform) else T.M if isinstance(T, llama.OnlineTransform) else None
                 H = hessians[key].to(dev)                                                   # (n, n)
-                feedback = bq.gptq_feedback(H if M is None else M @ H @ M.T)
+                Hr = H if M is None else M @ H @ M.T                                        # H of the inputs T x
+            feedback = bq.gptq_feedback(Hr) if lc.kl_quantizer == "gptq" else None
             for f in fakes:
                 f.feedback = feedback
                 if f.gamma is None:
-                    f.grid = (bq.clip_logits if hessians is not None else bq.clip_grid)(T(f.weight), qc)
+                    f.grid = bq.clip_logits(T(f.weight), qc) if feedback is not None else bq.clip_grid(T(f.weight), qc, Hr)
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
     every = (lc.refresh, refresh) if lc.kl_quantizer != "rtn" else None
@@ -769,6 +772,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("none-kl-lwc", dict(rotation="none", objective="kl", lwc=True)),             # clip factors only
               ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
               ("butterfly-klclip", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnclip")),  # RTN cells
+              ("butterfly-klh", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnh")),        # RTN cells
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
               ("butterfly-gptq-e2e", dict(rotation="butterfly", objective="gptq", base="butterfly-gptq")),
               ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl")),
@@ -780,7 +784,7 @@ SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "
                                                 **({"base": f"w{b}g{g}-{q}-{row['base']}-s{seed}"} if "base" in row
                                                    else {})))
          for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in SWEEP_SEEDS
-         if row.get("kl_quantizer", "rtn") in ("rtn", "gptq" if q == "gptq" else "rtnclip")]
+         if row.get("kl_quantizer", "rtn") in (("rtn", "gptq") if q == "gptq" else ("rtn", "rtnclip", "rtnh"))]
 
 
 def sweep_rows(only=()):
@@ -887,7 +891,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>-<settings>.safetensors)")
     p.add_argument("--rotation", default="butterfly", choices=["none", "hadamard", "random", "butterfly"])
     p.add_argument("--init", default=None, choices=["identity", "hadamard", "rhadamard", "random", "best"],
-                   help="butterfly start (default: gptq and kl objectives rhadamard, kl on rtnclip identity, else "
+                   help="butterfly start (default: gptq and kl objectives rhadamard, kl on rtnclip/rtnh identity, else "
                         "best); 'best' starts from the better of identity and hadamard per site; 'rhadamard': "
                         "pi/4 + k pi/2 with random k, a randomised Hadamard")
     p.add_argument("--bits", "--w_bits", "--wbits", type=int, default=3, help="weight bits (2, 3, 4, 8)")
@@ -922,12 +926,13 @@ def parse_args(argv=None):
                         "%d tokens each)" % FINETUNE_TOKENS)
     p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; gptq: 0.02, block and kl: "
                                                           "0.01, Adam)")
-    p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq or rtnclip: steps "
+    p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq, rtnclip, rtnh: steps "
                                                            "between recomputations of GPTQ's column weights or "
                                                            "feedback, or of the clip search's ranges")
-    p.add_argument("--kl_quantizer", default=None, choices=["rtn", "rtnclip", "gptq"],
+    p.add_argument("--kl_quantizer", default=None, choices=["rtn", "rtnclip", "rtnh", "gptq"],
                    help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips); rtnclip: "
-                        "RTN on the clip search's ranges, recomputed every --refresh steps; or gptq: RTN's rounding "
+                        "RTN on the clip search's ranges, recomputed every --refresh steps; rtnh: on the ranges the "
+                        "file's RTN picks, the clip search with its H-scored choice per row (H at every site); or gptq: RTN's rounding "
                         "error pushed forward through GPTQ's feedback F(T H T^T), on the clip search's grid or the "
                         "learned clips (default: the final quantizer's: gptq, or under --rtn rtnclip, rtn with --lwc)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")

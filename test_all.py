@@ -886,32 +886,40 @@ def test_kl_objective_with_learned_clips_moves_every_clip_factor_and_lowers_the_
         assert (gammas[(l, name)] - start).abs().min() > 0, (l, name)
 
 
-def test_kl_stand_in_on_the_clip_searchs_ranges_is_rtn_with_the_clip_search():
+def test_kl_stand_in_on_the_clip_searchs_ranges_is_the_files_rtn():
     """--kl_quantizer rtnclip: the straight-through RTN on the clip search's grid is, in the forward pass, RTN with
     the clip search (quantize then dequantize, without H: the file's RTN less its H-scored choice per row), a padded
-    last group included; the min-max straight-through RTN is not (the outlier column makes the search clip)."""
-    W = torch.randn(48, 150, generator=torch.Generator().manual_seed(0))
+    last group included; the min-max straight-through RTN is not (the outlier column makes the search clip).
+    --kl_quantizer rtnh: on the grid chosen with H it is the file's RTN itself, whose H-scored choice changes rows."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(48, 150, generator=g)
     W[:, 7] *= 8
+    X = torch.randn(150, 600, generator=g) * torch.rand(150, 1, generator=g).pow(4) * 4        # uneven inputs
+    H = X @ X.T / 600
     qc = bq.QuantConfig(3, 32, gptq=False)
-    ref = bq.dequantize(*bq.quantize(W, qc), qc.group)                                  # (48, 150)
     f = calibrate.FakeQuantLinear(W, torch.nn.Identity(), qc)
     minmax = f(torch.eye(150)).T
-    f.grid = bq.clip_grid(W, qc)
-    assert torch.allclose(f(torch.eye(150)).T, ref, atol=1e-5)
-    assert (minmax - ref).abs().max() > 0.1
+    for h in (None, H):
+        ref = bq.dequantize(*bq.quantize(W, qc, h), qc.group)                           # (48, 150)
+        f.grid = bq.clip_grid(W, qc, h)
+        assert torch.allclose(f(torch.eye(150)).T, ref, atol=1e-5)
+        assert (minmax - ref).abs().max() > 0.1
+    unweighted, chosen = (bq.dequantize(*bq.quantize(W, qc, h), qc.group) for h in (None, H))
+    assert ((unweighted - chosen).abs().amax(1) > 0).sum() >= 5
 
 
 @needs_shared
-@pytest.mark.parametrize("stand_in", ["gptq", "rtnclip"])
+@pytest.mark.parametrize("stand_in", ["gptq", "rtnclip", "rtnh"])
 def test_kl_objective_with_a_refreshed_stand_in_moves_every_angle_and_lowers_its_kl(stand_in):
-    """--kl_quantizer gptq (H from the unquantized model's inputs at every site, the stand-in's feedback and grid)
-    and rtnclip (the clip search's grid), refreshed as T moves, each from its default start (the randomised
-    Hadamard, the identity): the stand-in model's KL falls and every angle leaves its start."""
+    """--kl_quantizer gptq (H from the unquantized model's inputs at every site, the stand-in's feedback and grid),
+    rtnclip (the clip search's grid) and rtnh (the grid H-scored per row), refreshed as T moves, each from its
+    default start (the randomised Hadamard, the identity): the stand-in model's KL falls and every angle leaves its
+    start."""
     model, ref = llama.load(STORIES)[0], llama.load(STORIES)[0]
     samples = torch.randint(1, 512, (4, 128), generator=torch.Generator().manual_seed(0))
     cc = calibrate.CalibConfig(ckpt=STORIES)
     lc, qc = bq.LearnConfig(objective="kl", kl_quantizer=stand_in, steps=6, refresh=2), bq.QuantConfig(2, 32)
-    assert lc.init == {"gptq": "rhadamard", "rtnclip": "identity"}[stand_in]
+    assert lc.init == {"gptq": "rhadamard", "rtnclip": "identity", "rtnh": "identity"}[stand_in]
     transforms, _, res = calibrate.learn_kl(model, ref, samples, cc, qc, lc)
     assert res["kl_after"] < res["kl_before"] and len(transforms) == 20
     minmax = calibrate.learn_kl(model, ref, samples, cc, qc, replace(lc, kl_quantizer="rtn", steps=0))[2]
