@@ -934,20 +934,21 @@ def test_kl_objective_with_a_refreshed_stand_in_moves_every_angle_and_lowers_its
 def test_kl_objective_that_outgrows_the_device_is_refused_before_any_work(monkeypatch):
     """The kl objective's tensors on the device: the model in fp32 (4 bytes a weight), the reference in its own dtype,
     and with the GPTQ stand-in F at every site (stories260K: 5 blocks x (3 x 64^2 + 172^2) floats), or while H is
-    summed, the model and H in float64, whichever is larger. A device one byte short is
-    refused with the way out; one that fits is not."""
+    summed (the gptq and rtnh stand-ins), the model and H in float64, whichever is larger. A device one byte short
+    is refused with the way out; one that fits is not."""
     model, _ = llama.load(STORIES)
     weights = sum(t.numel() for t in torch.load(os.path.join(STORIES, "consolidated.00.pth"), weights_only=True).values())
     ref = sum(p.numel() * p.element_size() for p in model.parameters())
-    for stand_in, sites in ((False, 0), (True, 4 * 5 * (3 * 64 ** 2 + 172 ** 2))):
-        need = 4 * weights + max(ref + sites, 2 * sites)
+    H = 4 * 5 * (3 * 64 ** 2 + 172 ** 2)
+    for (hessians, feedback), need in (((False, False), 4 * weights + ref), ((True, True), 4 * weights + max(ref + H, 2 * H)),
+                                       ((True, False), 4 * weights + max(ref, 2 * H))):
         for total, refused in ((need - 1, True), (need, False)):
             monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, t=total: types.SimpleNamespace(total_memory=t))
             if refused:
                 with pytest.raises(llama.UserError, match="--objective layer"):
-                    calibrate.check_kl_memory(model, "cuda", stand_in)
+                    calibrate.check_kl_memory(model, "cuda", hessians, feedback)
             else:
-                calibrate.check_kl_memory(model, "cuda", stand_in)
+                calibrate.check_kl_memory(model, "cuda", hessians, feedback)
 
 
 @needs_shared
@@ -1085,11 +1086,12 @@ def test_sweep_only_selects_full_row_names_exactly():
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
     assert tags(["w2g64-gptq-hadamard"]) == ["fp"] + [f"w2g64-gptq-hadamard-s{s}" for s in (0, 1, 2)]  # no -e2e, -kl-lwc
     assert len(tags(["w2g64-gptq"])) == 1 + (14 + 2) * 3        # a cell: every row of it
-    assert len(tags([])) == 1 + (4 * 14 + 2 * 2 + 2) * 3 and len(set(tags([]))) == len(tags([]))
+    assert len(tags([])) == 1 + (4 * 14 + 2 * 2 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
     assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq{e}-s{s}" for c in ("2g64", "3g128")
                                          for e in ("", "-e2e") for s in (0, 1, 2)]      # the stand-in rows: GPTQ cells
-    assert tags(["klclip"]) == ["fp"] + [f"w{c}-rtn-butterfly-klclip-s{s}" for c in ("2g64", "3g128")
-                                         for s in (0, 1, 2)]                            # and RTN's: RTN cells
+    for row in ("klclip", "klh"):
+        assert tags([row]) == ["fp"] + [f"w{c}-rtn-butterfly-{row}-s{s}" for c in ("2g64", "3g128")
+                                        for s in (0, 1, 2)]                             # and RTN's: RTN cells
     e2e = dict(calibrate.sweep_rows(["w2g64-gptq-hadamard-e2e-s1"]))
     assert list(e2e) == ["fp", "w2g64-gptq-hadamard-e2e-s1"] and e2e["w2g64-gptq-hadamard-e2e-s1"]["base"] == \
         "w2g64-gptq-hadamard-s1"        # the end-to-end row starts from its base row's file, same seed
