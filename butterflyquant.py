@@ -251,6 +251,13 @@ def expand_groups(t, n, group):
     return t.repeat_interleave(g, dim=1)[:, :n]
 
 
+def _round_on(wg, lo, hi, cfg):
+    """RTN of the groups wg (R, G, g) on [min * lo, max * hi] per group: (q, scale, zero)."""
+    scale, zero = _minmax_params(wg.amin(-1) * lo, wg.amax(-1) * hi, cfg.bits, cfg.sym)
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
+    return q, scale, zero
+
+
 def clip_choice(w, cfg: QuantConfig, H=None):
     """The shrink p (R, G) of each group's [min, max] that RTN rounds w (R, n) on: the clip search's (1 where it
     keeps min-max, or without cfg.clip), and given the inputs' H (n, n), each row's best of three ranges by its own
@@ -268,8 +275,7 @@ def clip_choice(w, cfg: QuantConfig, H=None):
     p = search(mask if mask.min() == 0 else None)
     if H is not None and cfg.clip:
         def row_loss(p):
-            s, z = _minmax_params(wg.amin(-1) * p, wg.amax(-1) * p, cfg.bits, cfg.sym)
-            q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, 2 ** cfg.bits - 1)
+            q, s, z = _round_on(wg, p, p, cfg)
             E = (s[..., None] * (q - z[..., None])).view(R, G * g)[:, :n] - w.float()
             return ((E @ H.float()) * E).sum(1)
         best = row_loss(p)
@@ -291,8 +297,7 @@ def quantize(w, cfg: QuantConfig, H=None, gamma=None):
         lo, hi = torch.sigmoid(gamma[0]), torch.sigmoid(gamma[1])
     else:
         lo = hi = clip_choice(w, cfg, H)
-    scale, zero = _minmax_params(wg.amin(-1) * lo, wg.amax(-1) * hi, cfg.bits, cfg.sym)
-    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, 2 ** cfg.bits - 1)
+    q, scale, zero = _round_on(wg, lo, hi, cfg)
     return q.view(R, G * g)[:, :n].to(torch.uint8), scale, zero
 
 
