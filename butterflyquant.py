@@ -477,9 +477,9 @@ class LearnConfig:
     refresh: int = 10         # gptq objective and kl's gptq, rtnclip, rtnh stand-ins: steps between recomputations
                               # of d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky), or of the clip search's ranges
     kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips),
-                               # rtnclip (RTN on the unweighted clip search's ranges; calibrate.py's default
-                               # under --rtn without --lwc), rtnh (on the file's RTN ranges: the search with
-                               # its H-scored choice per row, H at every site) or gptq (fake_quant_gptq_ste, on the clip search's
+                               # rtnclip (RTN on the unweighted clip search's ranges), rtnh (on the file's RTN
+                               # ranges: the search with its H-scored choice per row, H at every site;
+                               # calibrate.py's default under --rtn without --lwc) or gptq (fake_quant_gptq_ste, on the clip search's
                                # grid or the learned clips; calibrate.py's default under GPTQ)
 
     def __post_init__(self):

@@ -274,7 +274,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
                         f"objective only (the default: drop --objective)")
     if lc.kl_quantizer == "gptq" and not qc.gptq:
         raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or drop --kl_quantizer (under --rtn: "
-                        "rtnclip)")
+                        "rtnh)")
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
@@ -537,7 +537,7 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 #   min_{T}  KL( p(. | fp model)  ||  p(. | model with every linear y = Q(W T_s^T) (T_s x)) ),  Q straight-through RTN
 #
 # on min-max ranges (kl_quantizer rtn) or on the clip search's, recomputed every `refresh` steps (rtnclip: the final
-# RTN's ranges, less its H-scored choice per row, the default under --rtn; rtnh: the final RTN's ranges, H-scored
+# RTN's ranges, less its H-scored choice per row; rtnh, the default under --rtn: the final RTN's ranges, H-scored
 # choice included, H_s from the unquantized model's inputs at site s); or, with kl_quantizer gptq (the default
 # under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error model, H_s from the unquantized model's
 # inputs at site s. SpinQuant learns its rotations this way (then quantizes
@@ -934,7 +934,7 @@ def parse_args(argv=None):
                         "RTN on the clip search's ranges, recomputed every --refresh steps; rtnh: on the ranges the "
                         "file's RTN picks, the clip search with its H-scored choice per row (H at every site); or gptq: RTN's rounding "
                         "error pushed forward through GPTQ's feedback F(T H T^T), on the clip search's grid or the "
-                        "learned clips (default: the final quantizer's: gptq, or under --rtn rtnclip, rtn with --lwc)")
+                        "learned clips (default: the final quantizer's: gptq, or under --rtn rtnh, rtn with --lwc)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
     p.add_argument("--lwc", action="store_true",
@@ -992,7 +992,7 @@ def parse_args(argv=None):
         raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
     llama.check_device(cc.device)
     objective = a.objective or "kl"
-    stand_in = "gptq" if a.gptq else "rtn" if a.lwc or a.no_clip else "rtnclip"     # the kl objective's default
+    stand_in = "gptq" if a.gptq else "rtn" if a.lwc or a.no_clip else "rtnh"     # the kl objective's default
     kl_quantizer = a.kl_quantizer or (stand_in if objective == "kl" else "rtn")
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)

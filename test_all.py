@@ -1486,15 +1486,16 @@ def test_data_free_defaults_apply_only_without_calibration_text(tmp_path, monkey
 
 def test_default_objective_is_kl_against_the_final_quantizers_stand_in(tmp_path):
     """The best choice measured in both GPTQ cells and at W3 g128 RTN (README): the kl objective, learned against
-    GPTQ's stand-in under GPTQ, and under --rtn against straight-through RTN on the clip search's ranges from the
-    identity (on the learned clips with --lwc, min-max with --no_clip); a named objective keeps its own,
+    GPTQ's stand-in under GPTQ, and under --rtn against straight-through RTN on the file's own ranges (the clip
+    search with its H-scored choice per row) from the identity (on the learned clips with --lwc, min-max with
+    --no_clip); a named objective keeps its own,
     --kl_quantizer gptq is refused without the kl objective or under --rtn, and the default kl objective refuses SGD
     with a hint."""
     def learn(*flags):
         lc = calibrate.parse_args(["--device", "cpu", "--out", str(tmp_path / "q.safetensors"), *flags])[2]
         return lc.objective, lc.kl_quantizer, lc.init
     assert (learn(), learn("--rtn"), learn("--lwc"), learn("--rtn", "--lwc")) == \
-        (("kl", "gptq", "rhadamard"), ("kl", "rtnclip", "identity"), ("kl", "gptq", "rhadamard"),
+        (("kl", "gptq", "rhadamard"), ("kl", "rtnh", "identity"), ("kl", "gptq", "rhadamard"),
          ("kl", "rtn", "rhadamard"))
     assert learn("--kl_quantizer", "rtn") == ("kl", "rtn", "rhadamard")
     assert learn("--rtn", "--no_clip") == ("kl", "rtn", "rhadamard")            # no clip search to stand in for
