@@ -778,25 +778,34 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-kl-e2e", dict(rotation="butterfly", objective="kl", base="butterfly-kl")),
               ("butterfly-klgptq-e2e", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq",
                                             base="butterfly-klgptq"))]
-SWEEP_SEEDS = (0, 1, 2)
+SWEEP_SEEDS = (0, 1, 2)      # the default; --sweep_seeds adds more (other calibration tokens, other random signs)
 SWEEP_FINETUNE = 80         # end-to-end steps of the -e2e rows, 1024 tokens each
-SWEEP = [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "gptq", seed=seed,
-                                                **({"base": f"w{b}g{g}-{q}-{row['base']}-s{seed}"} if "base" in row
-                                                   else {})))
-         for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in SWEEP_SEEDS
-         if row.get("kl_quantizer", "rtn") in (("rtn", "gptq") if q == "gptq" else ("rtn", "rtnclip", "rtnh"))]
 
 
-def sweep_rows(only=()):
+def sweep_grid(seeds=SWEEP_SEEDS):
+    """(tag, row) for every cell, row and seed; the stand-in rows only where their quantizer is the cell's."""
+    return [(f"w{b}g{g}-{q}-{name}-s{seed}", dict(row, bits=b, group=g, gptq=q == "gptq", seed=seed,
+                                                   **({"base": f"w{b}g{g}-{q}-{row['base']}-s{seed}"} if "base" in row
+                                                      else {})))
+            for b, g, q in SWEEP_CELLS for name, row in SWEEP_ROWS for seed in seeds
+            if row.get("kl_quantizer", "rtn") in (("rtn", "gptq") if q == "gptq" else ("rtn", "rtnclip", "rtnh"))]
+
+
+def sweep_rows(only=(), seeds=SWEEP_SEEDS):
     """The grid's rows (fp first) that `only` selects: a full tag selects itself alone, a row without its seed
     its seeds alone (w2g64-gptq-hadamard: not w2g64-gptq-hadamard-e2e-s0); any other string matches as a substring."""
-    tags = {t for t, _ in SWEEP}
+    grid = sweep_grid(seeds)
+    tags = {t for t, _ in grid}
     rows = {t.rsplit("-s", 1)[0] for t in tags}
-    return [("fp", None)] + [(t, x) for t, x in SWEEP if not only or any(
-        o == t if o in tags else o == t.rsplit("-s", 1)[0] if o in rows else o in t for o in only)]
+    picks = lambda o, t: o == t if o in tags else o == t.rsplit("-s", 1)[0] if o in rows else o in t   # noqa: E731
+    for o in only:
+        if not any(picks(o, t) for t in tags):
+            raise UserError(f"--sweep_only {o!r} selects no row of the grid with seeds {','.join(map(str, seeds))} "
+                            f"(a seed outside them needs --sweep_seeds)")
+    return [("fp", None)] + [(t, x) for t, x in grid if not only or any(picks(o, t) for o in only)]
 
 
-def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.jsonl")):
+def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.join("out", "sweep.jsonl")):
     """Every selected row through calibrate() with its objective's default learning settings, then perplexity,
     KL and top-1 agreement against the unquantized model on every eval file. Finished rows are kept in `path`:
     a rerun continues where it stopped. Prints the table: mean and spread (min-max) over seeds."""
@@ -820,7 +829,7 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
     fp, tok = llama.load(cc.ckpt)
     fp.to(cc.device)
     data = {n: evaluation.tokenize_corpus(tok, f) for n, f in zip(names, eval_files)}
-    for tag, row in sweep_rows(only):
+    for tag, row in sweep_rows(only, seeds):
         if tag in done:
             continue
         r = dict(tag=tag, device=cc.device, **grid)
@@ -857,10 +866,10 @@ def sweep(cc, qc, only, eval_files, eval_limit, path=os.path.join("out", "sweep.
         with open(path, "a") as fh:
             fh.write(json.dumps(r) + "\n")
         done[tag] = r
-    print(sweep_table(done, list(data)))
+    print(sweep_table(done, list(data), seeds))
 
 
-def sweep_table(done, names):
+def sweep_table(done, names, seeds=SWEEP_SEEDS):
     """Markdown: one line per cell and row, mean [min-max] over the seeds that finished."""
     lines = ["| cell | row | seeds | " + " | ".join(f"{n} ppl | {n} KL" for n in names) + " | calib s |",
              "|---|---|---|" + "---|---|" * len(names) + "---|"]
@@ -868,7 +877,7 @@ def sweep_table(done, names):
         lines.append("| fp | - | - | " + " | ".join(f"{done['fp'][n]['ppl']:.3f} | 0" for n in names) + " | - |")
     for b, g, q in SWEEP_CELLS:
         for name, _ in SWEEP_ROWS:
-            rs = [done[t] for t in (f"w{b}g{g}-{q}-{name}-s{s}" for s in SWEEP_SEEDS) if t in done]
+            rs = [done[t] for t in (f"w{b}g{g}-{q}-{name}-s{s}" for s in seeds) if t in done]
             if not rs:
                 continue
             cell = []
@@ -975,7 +984,15 @@ def parse_args(argv=None):
     p.add_argument("--sweep_only", default=None,
                    help="comma-separated sweep rows to run: full tags (w2g64-gptq-hadamard-s0), a row's "
                         "seeds (w2g64-gptq-hadamard), or substrings such as w2g64")
+    p.add_argument("--sweep_seeds", default=",".join(map(str, SWEEP_SEEDS)),
+                   help="comma-separated seeds of every sweep row; the table gives mean and spread over them")
     a = p.parse_args(argv)
+    try:
+        sweep_seeds = tuple(int(x) for x in a.sweep_seeds.split(","))
+    except ValueError:
+        sweep_seeds = ()
+    if not sweep_seeds or min(sweep_seeds) < 0 or len(set(sweep_seeds)) != len(sweep_seeds):
+        raise UserError(f"--sweep_seeds {a.sweep_seeds!r}: give distinct non-negative integers such as 0,1,2")
     on_gpu = a.device.startswith("cuda")
     data_free_cpu = not on_gpu and a.calib is None and evaluation.find_dataset("wikitext2", "calib") is None
     nsamples = a.nsamples if a.nsamples is not None else (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
@@ -1035,8 +1052,10 @@ def parse_args(argv=None):
     eval_limit = a.eval_limit if a.eval_limit is not None else (None if on_gpu else 16)
     opts = dict(out=a.out, eval_data=a.eval_data, eval_limit=eval_limit or None, no_eval=a.no_eval, quiet=a.quiet,
                 eval_seqlen=a.seqlen or 2048, report=REPORT_GPU if on_gpu else REPORT_CPU,
-                sweep=a.sweep, sweep_only=[t for t in (a.sweep_only or "").split(",") if t],
+                sweep=a.sweep, sweep_only=[t for t in (a.sweep_only or "").split(",") if t], sweep_seeds=sweep_seeds,
                 finetune_from=a.finetune_from)
+    if a.sweep:
+        sweep_rows(opts["sweep_only"], sweep_seeds)     # one clear line for a selection that matches nothing
     return cc, qc, lc, opts
 
 
@@ -1053,7 +1072,7 @@ def main(argv=None):
     if o["sweep"]:
         files = o["eval_data"] if o["eval_data"] is not None else [
             os.path.join(SHARED_DATA, f) for f in ("wikitext2_test.txt", "c4_eval.jsonl")]
-        return sweep(cc, qc, o["sweep_only"], files, o["eval_limit"])
+        return sweep(cc, qc, o["sweep_only"], files, o["eval_limit"], o["sweep_seeds"])
     found = evaluation.find_dataset("wikitext2", "eval")
     data = ([] if o["no_eval"] else [evaluation.resolve_data(d, "eval") for d in o["eval_data"]]
             if o["eval_data"] is not None else [found] if found else [])

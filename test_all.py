@@ -1135,6 +1135,27 @@ def test_sweep_only_selects_full_row_names_exactly():
     a = dict(calibrate.sweep_rows(["w3g128-rtn-butterfly-block-lwc-s2"]))["w3g128-rtn-butterfly-block-lwc-s2"]
     assert (a["bits"], a["group"], a["gptq"], a["rotation"], a["objective"], a["lwc"], a["seed"]) == \
         (3, 128, False, "butterfly", "block", True, 2)
+    assert tags(["w3g128-gptq-hadamard"]) == tags(["w3g128-gptq-hadamard-s0", "w3g128-gptq-hadamard-s1",
+                                                     "w3g128-gptq-hadamard-s2"])
+
+
+def test_sweep_seeds_widen_the_grid_and_a_selection_that_matches_nothing_is_refused():
+    """--sweep_seeds 3,4 makes rows -s3 and -s4 with seed 3 and 4; a tag outside the grid is one clear line,
+    not a sweep that silently runs only the unquantized row."""
+    rows = dict(calibrate.sweep_rows(["w3g128-gptq-hadamard"], (3, 4)))
+    assert list(rows) == ["fp", "w3g128-gptq-hadamard-s3", "w3g128-gptq-hadamard-s4"]
+    assert rows["w3g128-gptq-hadamard-s4"]["seed"] == 4
+    with pytest.raises(llama.UserError, match="selects no row"):
+        calibrate.sweep_rows(["w3g128-gptq-hadamard-s3"])
+    with pytest.raises(llama.UserError, match="selects no row"):
+        calibrate.parse_args(["--sweep", "--sweep_only", "w9g1"])
+    for bad in ("0,x", "1,1", "-1", ""):
+        with pytest.raises(llama.UserError, match="--sweep_seeds"):
+            calibrate.parse_args(["--sweep", "--sweep_seeds", bad])
+    done = {f"w3g128-gptq-hadamard-s{s}": dict(calibration_seconds=1.0, wt=dict(ppl=float(p), kl=0.1 * p))
+            for s, p in ((0, 10), (3, 20), (4, 30))}
+    line = next(x for x in calibrate.sweep_table(done, ["wt"], (0, 3, 4)).splitlines() if "hadamard" in x)
+    assert line.startswith("| w3g128 gptq | hadamard | 3 | 20 [10-30] | 2 [1-3] |")
 
 
 @needs_shared
