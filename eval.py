@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # as in calibrate.py: sleeping, not spinning, idle threads
@@ -110,12 +111,17 @@ def find_dataset(name, use, hub=None):
         raise UserError(f"could not fetch {name} ({hub_label}) from the Hugging Face hub ({type(e).__name__}: "
                         f"{str(e)[:120]}): connect to the network, or {where}") from None
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w", encoding="utf-8") as f:   # the same layouts as the local files
-        if out.endswith(".jsonl"):
-            f.writelines(json.dumps(dict(text=t)) + "\n" for t in rows)
-        else:
-            f.write("\n\n".join(rows))
-    os.replace(out + ".tmp", out)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=f".{cached}.", suffix=".tmp")  # a file of its own:
+    try:                                                        # runs fetching together never share one
+        with open(fd, "w", encoding="utf-8") as f:              # the same layouts as the local files
+            if out.endswith(".jsonl"):
+                f.writelines(json.dumps(dict(text=t)) + "\n" for t in rows)
+            else:
+                f.write("\n\n".join(rows))
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     say(f"fetched {name} ({hub_label}) from the Hugging Face hub into {out}")
     return out, f"{cached}, {hub_label}"
 

@@ -1656,6 +1656,42 @@ def test_named_datasets_resolve_local_then_cache_then_hub(tmp_path, monkeypatch)
         assert "\n" not in str(e.value) and all(n in str(e.value) for n in needles), str(e.value)
 
 
+def test_hub_fetches_running_together_both_succeed_and_a_failed_one_leaves_no_file(tmp_path, monkeypatch):
+    """Two runs fetching WikiText-2 into the cache at once (a barrier holds both mid-write) both get it; a fetch
+    that dies mid-write leaves neither the file nor a temporary behind."""
+    monkeypatch.setenv("BQ_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("BQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "SHARED_DATA", str(tmp_path / "nowhere"))
+    barrier = threading.Barrier(2, timeout=20)
+
+    def held(spec):                 # rows that stop halfway until both fetches are writing
+        yield "one"
+        barrier.wait()
+        yield "two"
+    got, errors = [], []
+
+    def run():
+        try:
+            got.append(ev.find_dataset("wikitext2", "eval", hub=held))
+        except Exception as e:      # noqa: BLE001 -- reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = tmp_path / "cache" / "data"
+    assert not errors and len(got) == 2 and all(g[0] == str(data / "wikitext2_test.txt") for g in got)
+    assert (data / "wikitext2_test.txt").read_text() == "one\n\ntwo" and os.listdir(data) == ["wikitext2_test.txt"]
+
+    def dying(spec):
+        yield "one"
+        raise OSError("No space left on device")
+    with pytest.raises(OSError):
+        ev.find_dataset("c4", "eval", hub=dying)
+    assert os.listdir(data) == ["wikitext2_test.txt"]
+
+
 def test_named_dataset_missing_is_one_line_from_both_clis(tmp_path):
     env = dict(BQ_SHARED=str(tmp_path / "none"), BQ_DATA=str(tmp_path / "none"), BQ_CACHE=str(tmp_path / "cache"),
                HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
