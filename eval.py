@@ -322,8 +322,9 @@ def main():
         raise UserError("--seqlen must be >= 2 (a window predicts seqlen - 1 tokens); --limit, --batch_size and "
                         "--tokens >= 1")
     llama.check_device(a.device)
-    if a.out is not None:
-        llama.check_output(a.out, [*a.ckpt, a.ref] + [d for d in a.data if os.path.exists(d)])
+    data = [] if a.speed else [resolve_data(d, "eval") for d in a.data]     # a missing dataset fails before loading
+    if a.out is not None:       # the data as resolved: --data c4 names a file too
+        llama.check_output(a.out, [*a.ckpt, a.ref] + [d for d in a.data if os.path.exists(d)] + [p for p, _ in data])
         if os.path.isfile(a.out) and os.path.getsize(a.out):    # appended to: it must already be JSON lines
             with open(a.out, "rb") as f:
                 first = f.read(1 << 16).split(b"\n", 1)[0]
@@ -332,7 +333,6 @@ def main():
             except (ValueError, AssertionError):
                 raise UserError(f"--out {a.out} exists and is not a JSON-lines file: refusing to append to it") from None
     dtype = getattr(torch, a.dtype)
-    data = [] if a.speed else [resolve_data(d, "eval") for d in a.data]     # a missing dataset fails before loading
     corpora = [read_corpus(path) for path, _ in data]                       # bad data fails before the model loads
     if len({os.path.realpath(c) if os.path.exists(c) else c for c in a.ckpt}) < len(a.ckpt):
         raise UserError("--ckpt names a checkpoint twice")

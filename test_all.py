@@ -2043,6 +2043,9 @@ BAD_INPUTS = {
     "eval ckpts with other tokenizers": ("tokenizer differs", lambda c, q: [*EVAL, "--ckpt", c.stories(), c.tiny(vocab=1024), "--data", c.text()]),
     "eval out inside the checkpoint": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("stories", "consolidated.00.pth"))),
     "eval out is the data": ("overwrite the input", lambda c, q: evl(c, "--out", c.p("data.txt"))),
+    "eval out is a named dataset's file": ("overwrite the input", lambda c, q: (evl(
+        c, "--out", c.write("mine/c4_eval.jsonl", '{"text": "' + "Once upon a time. " * 400 + '"}\n'), data="c4"),
+        {"BQ_DATA": c.p("mine")})),
     "eval out is a folder": ("directory", lambda c, q: evl(c, "--out", c.p("home"))),
     "eval out under a file": ("writable directory", lambda c, q: evl(c, "--out", under_a_file(c))),
     "eval out a binary file": ("JSON-lines", lambda c, q: evl(c, "--out", c.write("res.bin", b"\x00\x01\x02" * 50))),
