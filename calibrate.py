@@ -256,6 +256,14 @@ def fingerprint(model):
     return h.hexdigest()
 
 
+def tokens_fingerprint(samples):
+    """blake2b of the calibration tokens: a resumed run must learn on the same text, not just the same --calib."""
+    return hashlib.blake2b(samples.cpu().long().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+FINGERPRINTS = ("ckpt_fingerprint", "calib_fingerprint")        # in the settings, beside what settings() records
+
+
 def start_partial(partial, sett):
     """OUT.partial/ with its settings.json, made when the first result worth keeping is ready."""
     if not os.path.isfile(os.path.join(partial, "settings.json")):
@@ -295,17 +303,19 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     partial = out + ".partial"
     if cc.finetune and cc.finetune_lr is None:
         cc = replace(cc, finetune_lr=finetune_lr(qc.bits))
-    sett = dict(settings(cc, qc, lc), ckpt_fingerprint=fingerprint(model))
+    sett = dict(settings(cc, qc, lc), ckpt_fingerprint=fingerprint(model), calib_fingerprint=tokens_fingerprint(samples))
     if os.path.isdir(partial):
         sj = os.path.join(partial, "settings.json")
         old = llama.read_json(sj) if os.path.isfile(sj) else None
         blocks_only = lambda d: {k: v for k, v in d.items() if k not in ("finetune", "finetune_lr")}  # noqa: E731
         if not isinstance(old, dict) or blocks_only(old) != blocks_only(sett):    # the pass runs after the blocks
-            changed = old is not None and {k: v for k, v in old.items() if k != "ckpt_fingerprint"} == \
-                {k: v for k, v in sett.items() if k != "ckpt_fingerprint"}
-            raise UserError(f"{partial} holds a run " + ("of other checkpoint contents (the weights at --ckpt "
-                            "changed)" if changed else "with other settings") +
-                            "; delete it to start over, or rerun with the same arguments and checkpoint")
+            same = lambda d: {k: v for k, v in blocks_only(d).items() if k not in FINGERPRINTS}   # noqa: E731
+            what = "with other settings" if not isinstance(old, dict) or same(old) != same(sett) else \
+                "of other checkpoint contents (the weights at --ckpt changed)" \
+                if old.get("ckpt_fingerprint") != sett["ckpt_fingerprint"] else \
+                f"on other calibration tokens (the text of {source} changed)"
+            raise UserError(f"{partial} holds a run {what}; delete it to start over, or rerun with the same "
+                            f"arguments, checkpoint and calibration text")
         print(f"resuming from {partial}", file=sys.stderr)
 
     dev = cc.device
@@ -743,6 +753,8 @@ def finetune_file(cc, src, out):
     samples, source = calibration_samples(made, fp, tok)
     if source != source_made:
         raise UserError(f"{src} was calibrated on {source_made}; here the same settings find {source}")
+    if sett.get("calib_fingerprint", tokens_fingerprint(samples)) != tokens_fingerprint(samples):
+        raise UserError(f"{src} was calibrated on other tokens than {source} gives now (its text changed)")
     lr = cc.finetune_lr or finetune_lr(bits)
     try:
         ft = finetune(model, fp, samples, cc.finetune, lr, made.seed, cc.device)
@@ -847,7 +859,7 @@ def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.
                 if not os.path.isfile(src):
                     calibrate(crow, qrow, lrow, src)
                 made = {k: v for k, v in llama.read_safetensors(src, tensors=False)[0].get("settings", {}).items()
-                        if k != "ckpt_fingerprint"}
+                        if k not in FINGERPRINTS}
                 if made != json.loads(json.dumps(settings(crow, qrow, lrow))):
                     raise UserError(f"{src} was made with other settings than row {tag} asks of its base; move it "
                                     f"aside")

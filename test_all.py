@@ -1175,6 +1175,7 @@ def test_sweep_end_to_end_row_refuses_a_base_file_made_with_other_settings(tmp_p
     assert open(base, "rb").read() == before
 
 
+
 # -----------------------------------------------------------------------------
 # kernels.py: Triton kernels against their PyTorch references (interpreter on CPU, real GPU when present)
 
@@ -1946,6 +1947,25 @@ def changed_ckpt_resume(c):
     return argv
 
 
+def other_calib_text(c):
+    """calib.txt with the same number of tokens and other contents: one word swapped for another."""
+    text = open(c.p("calib.txt"), encoding="utf-8").read()
+    assert " the " in text
+    c.write("calib.txt", text.replace(" the ", " and "))
+
+
+def changed_calib_resume(c):
+    argv = c.stopped_run(c.tiny())
+    other_calib_text(c)
+    return argv
+
+
+def changed_calib_finetune(c):
+    calibrate.main(cal(c)[1:])
+    other_calib_text(c)
+    return ft(c, c.p("q.safetensors"), ckpt=c.p("stories"))
+
+
 def foreign_out(c):
     save_file({"x": torch.ones(3)}, c.p("mine.safetensors"))
     return cal(c, None, "--out", c.p("mine.safetensors"))
@@ -2102,6 +2122,8 @@ BAD_INPUTS = {
     "cal partial block without a transform": ("transforms", lambda c, q: partial_block_edit(
         c, lambda p: edit_bq_header(p, lambda m: m["transforms"].pop("feed_forward.rot_up")))),
     "cal resume after the checkpoint's contents changed": ("checkpoint contents", lambda c, q: changed_ckpt_resume(c)),
+    "cal resume after the calibration text changed": ("other calibration tokens", lambda c, q: changed_calib_resume(c)),
+    "cal finetune_from after the calibration text changed": ("other tokens", lambda c, q: changed_calib_finetune(c)),
     "cal finetune_lr nan": ("finetune_lr", lambda c, q: cal(c, None, "--finetune", "2", "--finetune_lr", "nan")),
     "cal finetune_from missing": ("no such file", lambda c, q: ft(c, c.p("nope.safetensors"))),
     "cal finetune_from is the out": ("overwrite the input", lambda c, q: ft(c, c.quantized(q), "--out", c.p("q.safetensors"))),
