@@ -858,14 +858,16 @@ def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.
                 src = f"out/sweep-{row['base']}.safetensors"
                 if not os.path.isfile(src):
                     calibrate(crow, qrow, lrow, src)
-                made = {k: v for k, v in llama.read_safetensors(src, tensors=False)[0].get("settings", {}).items()
-                        if k not in FINGERPRINTS}
-                if made != json.loads(json.dumps(settings(crow, qrow, lrow))):
-                    raise UserError(f"{src} was made with other settings than row {tag} asks of its base; move it "
-                                    f"aside")
-                fp.cpu()        # finetune_file holds its own reference model
-                res = finetune_file(replace(crow, finetune=SWEEP_FINETUNE), src, out)
-                fp.to(cc.device)
+                made_as(src, settings(crow, qrow, lrow), f"row {tag} asks of its base")
+                erow = replace(crow, finetune=SWEEP_FINETUNE, finetune_lr=crow.finetune_lr or finetune_lr(qrow.bits))
+                if os.path.isfile(out):
+                    res = made_as(out, settings(erow, qrow, lrow), f"row {tag} asks")
+                else:
+                    fp.cpu()        # finetune_file holds its own reference model
+                    res = finetune_file(replace(crow, finetune=SWEEP_FINETUNE), src, out)
+                    fp.to(cc.device)
+            elif os.path.isfile(out):       # written, then stopped while it was evaluated: keep it
+                res = made_as(out, settings(crow, qrow, lrow), f"row {tag} asks")
             else:
                 res = calibrate(crow, qrow, lrow, out)
             model = llama.load(res["out"])[0].to(cc.device)
@@ -879,6 +881,16 @@ def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.
             fh.write(json.dumps(r) + "\n")
         done[tag] = r
     print(sweep_table(done, list(data), seeds))
+
+
+def made_as(path, want, what):
+    """A finished file's summary (as calibrate() returns it) when it was made with the settings `want`; refused
+    otherwise, so that a rerun never evaluates, or starts from, a file some other command wrote."""
+    header = llama.read_safetensors(path, tensors=False)[0]
+    if {k: v for k, v in header.get("settings", {}).items() if k not in FINGERPRINTS} != json.loads(json.dumps(want)):
+        raise UserError(f"{path} was made with other settings than {what}; move it aside")
+    return dict(out=path, bits_per_weight=header.get("bits_per_weight"),
+                calibration_seconds=header.get("calibration_seconds"))
 
 
 def sweep_table(done, names, seeds=SWEEP_SEEDS):

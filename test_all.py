@@ -1176,6 +1176,40 @@ def test_sweep_end_to_end_row_refuses_a_base_file_made_with_other_settings(tmp_p
 
 
 
+@needs_shared
+def test_sweep_row_stopped_during_its_evaluation_keeps_its_file_and_one_of_other_settings_is_refused(tmp_path,
+                                                                                                     monkeypatch):
+    """A row's file is written before it is evaluated: a rerun evaluates that file instead of calibrating again
+    (the klgptq rows take an hour here), and a file made with other settings in its place is refused, untouched."""
+    monkeypatch.chdir(tmp_path)
+    row = os.path.join("out", "sweep-w2g64-rtn-hadamard-s0.safetensors")
+    _, argv = tiny_calibrate(tmp_path, "--rotation", "hadamard", "--rtn")
+    argv[argv.index("--group") + 1] = "64"
+    argv[argv.index("--out") + 1] = row
+    calibrate.main(argv)
+    made = llama.read_safetensors(row, tensors=False)[0]
+    flags = [f for f in argv[:argv.index("--out")] + argv[argv.index("--out") + 2:] if f != "--no_eval"]
+    sweep = flags + ["--sweep", "--sweep_only", "w2g64-rtn-hadamard-s0", "--eval_limit", "1",
+                     "--eval_data", os.path.join(SHARED, "data", "wikitext2_test.txt")]
+
+    def no_calibration(*a, **k):
+        raise AssertionError("the finished file was calibrated again")
+    monkeypatch.setattr(calibrate, "calibrate", no_calibration)
+    calibrate.main(sweep)
+    rows = [json.loads(line) for line in open(os.path.join("out", "sweep.jsonl"))]
+    assert [r["tag"] for r in rows] == ["fp", "w2g64-rtn-hadamard-s0"]
+    assert rows[1]["calibration_seconds"] == made["calibration_seconds"] and rows[1]["wikitext2_test.txt"]["kl"] > 0
+    os.remove(os.path.join("out", "sweep.jsonl"))
+    argv[argv.index("--group") + 1] = "32"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    calibrate.main(argv)            # group 32 in the w2g64 row's place
+    before = open(row, "rb").read()
+    monkeypatch.setattr(calibrate, "calibrate", no_calibration)
+    with pytest.raises(llama.UserError, match="other settings than row w2g64-rtn-hadamard-s0 asks; move it aside"):
+        calibrate.main(sweep)
+    assert open(row, "rb").read() == before
+
 # -----------------------------------------------------------------------------
 # kernels.py: Triton kernels against their PyTorch references (interpreter on CPU, real GPU when present)
 
