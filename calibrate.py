@@ -917,6 +917,21 @@ def sweep_table(done, names, seeds=SWEEP_SEEDS):
 # -----------------------------------------------------------------------------
 # command line
 
+def expected_settings(cc, qc, lc, finetune_from=None):
+    """The settings (fingerprints aside) of the file this command writes: calibrate()'s, or for --finetune_from
+    its source's with the pass's steps and learning rate."""
+    if finetune_from is None:
+        lr = cc.finetune_lr or (finetune_lr(qc.bits) if cc.finetune else None)
+        return settings(replace(cc, finetune_lr=lr), qc, lc)
+    header = llama.read_safetensors(finetune_from, tensors=False)[0]
+    try:
+        src, bits = {k: v for k, v in header["settings"].items() if k not in FINGERPRINTS}, int(header["quant"]["bits"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UserError(f"{finetune_from}: its header lacks the calibration settings; not a calibrate.py file of "
+                        f"this version") from None
+    return dict(src, finetune=cc.finetune, finetune_lr=cc.finetune_lr or finetune_lr(bits))
+
+
 def parse_args(argv=None):
     """Flags -> (CalibConfig, QuantConfig, LearnConfig, the other options)."""
     p = llama.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1046,6 +1061,7 @@ def parse_args(argv=None):
         raise UserError(f"{e}{hint}") from None
     if a.sweep and (a.finetune or a.finetune_from):
         raise UserError("--sweep runs its own end-to-end rows (-e2e); drop --finetune and --finetune_from")
+    default_out = a.out is None
     if a.finetune_from is not None:
         if not os.path.isfile(a.finetune_from):
             raise UserError(f"--finetune_from {a.finetune_from}: no such file")
@@ -1068,9 +1084,16 @@ def parse_args(argv=None):
     llama.check_output(a.out, inputs, suffix=".safetensors")
     if os.path.isfile(a.out):
         try:
-            llama.read_safetensors(a.out)
+            made = llama.read_safetensors(a.out, tensors=False)[0].get("settings", {})
         except UserError:
             raise UserError(f"--out {a.out} exists and is not a ButterflyQuant file: refusing to overwrite it") from None
+        if default_out:     # the default name holds only some of the settings: never lose another run's file
+            made = {k: v for k, v in made.items() if k not in FINGERPRINTS}
+            want = json.loads(json.dumps(expected_settings(cc, qc, lc, a.finetune_from)))
+            if made != want:
+                raise UserError(f"{a.out} holds a calibration made with other settings ("
+                                f"{', '.join(sorted(k for k in set(made) | set(want) if made.get(k) != want.get(k)))}"
+                                f"): name another --out to keep it, or move it aside")
     if os.path.exists(a.out + ".partial") and not os.path.isdir(a.out + ".partial"):
         raise UserError(f"{a.out}.partial exists and is not a directory")
     eval_limit = a.eval_limit if a.eval_limit is not None else (None if on_gpu else 16)

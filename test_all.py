@@ -1210,6 +1210,30 @@ def test_sweep_row_stopped_during_its_evaluation_keeps_its_file_and_one_of_other
         calibrate.main(sweep)
     assert open(row, "rb").read() == before
 
+
+@needs_shared
+def test_default_output_name_never_replaces_a_file_made_with_other_settings(tmp_path, monkeypatch):
+    """The default --out names some settings only (not the seed, the text, the sample count): a second run with
+    another seed must not replace the first's file, while a rerun of the same command may."""
+    monkeypatch.chdir(tmp_path)
+    _, argv = tiny_calibrate(tmp_path)
+    i = argv.index("--out")
+    argv = argv[:i] + argv[i + 2:]
+    got = calibrate.main(argv)
+    before = open(got["out"], "rb").read()
+    assert calibrate.parse_args(argv)[3]["out"] == got["out"]          # the same command: its own file
+    with pytest.raises(llama.UserError, match=r"other settings \(seed\): name another --out"):
+        calibrate.parse_args(argv + ["--seed", "1"])
+    with pytest.raises(llama.UserError, match=r"other settings \(nsamples\)"):
+        calibrate.parse_args(argv + ["--nsamples", "3"])
+    assert calibrate.parse_args(argv + ["--seed", "1", "--out", str(tmp_path / "s1.safetensors")])   # named: kept apart
+    ft = calibrate.main([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--device", "cpu", "--no_eval"])
+    assert calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2"])[3]["out"] == ft["out"]
+    with pytest.raises(llama.UserError, match=r"other settings \(finetune_lr\)"):
+        calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_lr", "1e-5"])
+    assert open(got["out"], "rb").read() == before
+
+
 # -----------------------------------------------------------------------------
 # kernels.py: Triton kernels against their PyTorch references (interpreter on CPU, real GPU when present)
 
