@@ -273,7 +273,7 @@ def start_partial(partial, sett):
         os.replace(os.path.join(partial, "settings.json.tmp"), os.path.join(partial, "settings.json"))
 
 
-def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval_files=()):
+def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval_files=(), eval_seqlen=2048):
     """Calibrate cc.ckpt and write `out`; returns a summary dict. Everything is checked before any work;
     OUT.partial/ appears with the first result worth keeping (the kl objective's transforms, or the first
     finished block) and keeps them."""
@@ -298,7 +298,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
         check_kl_memory(model, cc.device, lc.kl_quantizer in ("gptq", "rtnh"), lc.kl_quantizer == "gptq")
     for path in eval_files:     # fail now, not after calibrating
-        evaluation.windows(evaluation.tokenize_corpus(tok, path), cc.seqlen)
+        evaluation.windows(evaluation.tokenize_corpus(tok, path), min(eval_seqlen, args.max_seq_len))
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
     partial = out + ".partial"
     if cc.finetune and cc.finetune_lr is None:
@@ -731,7 +731,7 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
     return transforms, gammas, res
 
 
-def finetune_file(cc, src, out):
+def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
     """The end-to-end pass on a finished calibrate.py file `src` (read, never written) -> `out`, on the same
     calibration tokens the file was made with. Returns the summary dict that calibrate() returns."""
     header = llama.read_safetensors(src, tensors=False)[0]
@@ -750,6 +750,8 @@ def finetune_file(cc, src, out):
     if fingerprint(fp) != fingerprint_made:
         raise UserError(f"{src} was calibrated from other weights than --ckpt {cc.ckpt}")
     model, tok = llama.load_quantized(src)
+    for path in eval_files:     # fail now, not after the pass
+        evaluation.windows(evaluation.tokenize_corpus(tok, path), min(eval_seqlen, fp.args.max_seq_len))
     samples, source = calibration_samples(made, fp, tok)
     if source != source_made:
         raise UserError(f"{src} was calibrated on {source_made}; here the same settings find {source}")
@@ -1126,9 +1128,9 @@ def main(argv=None):
     for path, _ in data:
         evaluation.read_corpus(path)        # fail now, not after calibrating
     if o["finetune_from"]:
-        res = finetune_file(cc, o["finetune_from"], o["out"])
+        res = finetune_file(cc, o["finetune_from"], o["out"], [path for path, _ in data], o["eval_seqlen"])
     else:
-        res = calibrate(cc, qc, lc, o["out"], [path for path, _ in data])
+        res = calibrate(cc, qc, lc, o["out"], [path for path, _ in data], o["eval_seqlen"])
     if o["no_eval"] or (o["eval_data"] is not None and not data):
         print(json.dumps(res))
         return res
@@ -1136,7 +1138,7 @@ def main(argv=None):
     qmodel, qtok = llama.load(o["out"])                 # the saved file, through the real loading path
     fp_model.to(cc.device)
     qmodel.to(cc.device)
-    T = o["eval_seqlen"]
+    T = min(o["eval_seqlen"], fp_model.args.max_seq_len)      # 2048 (the protocol), or the model's context if shorter
     for path, label in data:
         ids = evaluation.tokenize_corpus(qtok, path)
         fp = evaluation.perplexity(fp_model, ids, T, o["eval_limit"], progress=True)

@@ -1234,6 +1234,29 @@ def test_default_output_name_never_replaces_a_file_made_with_other_settings(tmp_
     assert open(got["out"], "rb").read() == before
 
 
+@needs_shared
+def test_evaluation_after_calibrating_stays_inside_the_context_and_short_text_is_refused_first(tmp_path,
+                                                                                                monkeypatch):
+    """The evaluation after a run uses windows of 2048, or the model's context where it is shorter (stories260K:
+    512), also after --finetune_from, which takes no --seqlen; eval text shorter than one window is refused
+    before the pass, not after it."""
+    out, argv = tiny_calibrate(tmp_path)
+    calibrate.main(argv)
+    text = open(os.path.join(SHARED, "data", "wikitext2_test.txt"), encoding="utf-8").read()
+    (tmp_path / "eval.txt").write_text(text[:20000])       # about 2 windows of 512 for stories260K's tokenizer
+    seen, real = [], ev.perplexity
+    monkeypatch.setattr(ev, "perplexity", lambda model, ids, seqlen, *a, **k: seen.append(seqlen) or real(
+        model, ids, seqlen, *a, **k))
+    ft = [*argv[:2], "--finetune_from", out, "--finetune", "1", "--device", "cpu", "--eval_limit", "1",
+          "--eval_data", str(tmp_path / "eval.txt")]
+    res = calibrate.main(ft)
+    assert seen == [512, 512] and res["eval_windows"] == 1
+    (tmp_path / "short.txt").write_text(text[:600])
+    monkeypatch.setattr(calibrate, "finetune", lambda *a, **k: pytest.fail("the pass ran before the check"))
+    os.remove(res["out"])
+    with pytest.raises(llama.UserError, match="fewer than one window"):
+        calibrate.main(ft[:-1] + [str(tmp_path / "short.txt")])
+
 # -----------------------------------------------------------------------------
 # kernels.py: Triton kernels against their PyTorch references (interpreter on CPU, real GPU when present)
 
