@@ -785,6 +785,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-kl-lwc", dict(rotation="butterfly", objective="kl", lwc=True)),
               ("none-kl-lwc", dict(rotation="none", objective="kl", lwc=True)),             # clip factors only
               ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
+              ("butterfly-klgptq-160", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq", steps=160)),
               ("butterfly-klclip", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnclip")),  # RTN cells
               ("butterfly-klh", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnh")),        # RTN cells
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass
@@ -854,7 +855,7 @@ def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.
         else:
             qrow = replace(qc, bits=row["bits"], group=row["group"], gptq=row["gptq"])
             lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False),
-                                  kl_quantizer=row.get("kl_quantizer", "rtn"))
+                                  kl_quantizer=row.get("kl_quantizer", "rtn"), steps=row.get("steps"))
             crow, out = replace(cc, rotation=row["rotation"], seed=row["seed"]), f"out/sweep-{tag}.safetensors"
             if "base" in row:       # the end-to-end pass on the base row's file (calibrated first if missing)
                 src = f"out/sweep-{row['base']}.safetensors"
