@@ -786,6 +786,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("none-kl-lwc", dict(rotation="none", objective="kl", lwc=True)),             # clip factors only
               ("butterfly-klgptq", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq")),  # GPTQ cells
               ("butterfly-klgptq-160", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq", steps=160)),
+              ("butterfly-klgptq-lwc", dict(rotation="butterfly", objective="kl", kl_quantizer="gptq", lwc=True)),
               ("butterfly-klclip", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnclip")),  # RTN cells
               ("butterfly-klh", dict(rotation="butterfly", objective="kl", kl_quantizer="rtnh")),        # RTN cells
               ("hadamard-e2e", dict(rotation="hadamard", base="hadamard")),     # + the end-to-end pass

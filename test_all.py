@@ -1118,14 +1118,16 @@ def test_sweep_only_selects_full_row_names_exactly():
     assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
     assert tags(["w2g64-gptq-hadamard"]) == ["fp"] + [f"w2g64-gptq-hadamard-s{s}" for s in (0, 1, 2)]  # no -e2e, -kl-lwc
-    assert len(tags(["w2g64-gptq"])) == 1 + (14 + 3) * 3        # a cell: every row of it
-    assert len(tags([])) == 1 + (4 * 14 + 2 * 3 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
+    assert len(tags(["w2g64-gptq"])) == 1 + (14 + 4) * 3        # a cell: every row of it
+    assert len(tags([])) == 1 + (4 * 14 + 2 * 4 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
     assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq{e}-s{s}" for c in ("2g64", "3g128")
-                                         for e in ("", "-160", "-e2e") for s in (0, 1, 2)]  # the stand-in rows: GPTQ cells
+                                         for e in ("", "-160", "-lwc", "-e2e") for s in (0, 1, 2)]  # the stand-in rows: GPTQ cells
     assert tags(["w3g128-gptq-butterfly-klgptq"]) == ["fp"] + [f"w3g128-gptq-butterfly-klgptq-s{s}" for s in (0, 1, 2)]
     assert dict(calibrate.sweep_rows(["w3g128-gptq-butterfly-klgptq-160-s1"]))["w3g128-gptq-butterfly-klgptq-160-s1"][
         "steps"] == 160 and "steps" not in dict(calibrate.sweep_rows(["w3g128-gptq-butterfly-klgptq-s1"]))[
         "w3g128-gptq-butterfly-klgptq-s1"]         # twice the kl objective's default steps
+    b = dict(calibrate.sweep_rows(["w3g128-gptq-butterfly-klgptq-lwc-s1"]))["w3g128-gptq-butterfly-klgptq-lwc-s1"]
+    assert (b["kl_quantizer"], b["lwc"], b["gptq"]) == ("gptq", True, True)     # clip factors learned on the stand-in
     for row in ("klclip", "klh"):
         assert tags([row]) == ["fp"] + [f"w{c}-rtn-butterfly-{row}-s{s}" for c in ("2g64", "3g128")
                                         for s in (0, 1, 2)]                             # and RTN's: RTN cells
