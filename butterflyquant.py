@@ -717,6 +717,18 @@ def gptq(W, H, cfg: QuantConfig, blocksize=128, percdamp=0.01, act_order=False, 
     return Qo.to(torch.uint8), scale, zero
 
 
+def gptaq_target(W, H, D, alpha, percdamp=0.01):
+    """W* (R, n): the weights GPTQ should fit when its inputs X~ (the site's inputs on the quantized path) differ
+    from the inputs X the unquantized model feeds the site (GPTAQ's asymmetric calibration, Li et al. 2025).
+    The least-squares fit of the unquantized outputs,  argmin ||W* X~ - W X||^2 = W X X~^T (X~ X~^T)^-1, is
+    W* = W + W D H^-1  with  H = X~ X~^T / N,  D = (X - X~) X~^T / N.  alpha in [0, 1] takes that step part way
+    (0: GPTQ's own target W); H is damped as gptq() damps it. GPTQ then quantizes W* on H as usual."""
+    H, D = H.double(), D.double()
+    Hd = H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    step = torch.linalg.solve(Hd, D.T).T                # D Hd^-1 (Hd symmetric)
+    return (W.double() + alpha * (W.double() @ step)).to(W.dtype)
+
+
 # -----------------------------------------------------------------------------
 # packing: one little-endian bit stream per tensor, `bits` bits per value, row after row, in int32 words.
 # Value k of the flattened (R, n) tensor lives at bits [k*bits, (k+1)*bits) of the stream: a row costs exactly

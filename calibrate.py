@@ -16,6 +16,9 @@ For each block, in order:
 With --objective kl (the default), every T is learned first, on the whole model's next-token KL under a
 straight-through stand-in for the final quantizer, and step 2 only quantizes; the per-site objectives (layer: the
 paper's, gptq, block) learn T in step 2.
+With --gptaq ALPHA, steps 1 and 2 go site by site instead (true-sequential): each site's H, and D against the
+unquantized model's own inputs to that site, are collected with the block's earlier sites already quantized, and
+GPTQ fits a target moved toward the unquantized outputs (butterflyquant.gptaq_target).
 The same code path runs the baselines (--rotation none / hadamard / random), so the comparison is fair.
 """
 import argparse
@@ -64,11 +67,13 @@ class CalibConfig:
     device: str = "cpu"                 # (does not change the result beyond float rounding)
     finetune: int = 0                   # steps of the end-to-end pass after the last block (0: none)
     finetune_lr: Optional[float] = None  # its Adam learning rate (cosine-decayed); None: finetune_lr(bits)
+    gptaq: float = 0.0                  # GPTQ's target moved toward the unquantized outputs (bq.gptaq_target); 0: off
 
 
 def settings(cc, qc, lc):
-    """Everything that determines the result: the resume check and the file header."""
-    d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device")}
+    """Everything that determines the result: the resume check and the file header (gptaq only when used, so
+    that files made before it existed keep their settings)."""
+    d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device") and (k != "gptaq" or v)}
     return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" or lc.lwc else None)
 
 
@@ -184,12 +189,54 @@ def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
     return transforms, starts, gammas, (start, end)
 
 
-def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None, given=None, clips=None):
+class SiteReached(Exception):
+    """Raised at the input of the linear whose input is wanted: the rest of the block need not run."""
+
+
+@torch.no_grad()
+def site_input(block, name, x, cos, sin, weights=None):
+    """The input (tokens, n) of linear `name` when `block` (with `weights` in place of its own, if given) runs on
+    x (B, T, dim), the block stopped there."""
+    got = []
+
+    def hook(mod, inp):
+        got.append(inp[0])
+        raise SiteReached
+    h = block.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        torch.func.functional_call(block, weights or {}, (x, cos, sin))
+    except SiteReached:
+        pass
+    finally:
+        h.remove()
+    return got[0].reshape(-1, got[0].shape[-1])
+
+
+def sequential_stats(block, fp_weights, name, X, Xr, cos, sin, cc):
+    """--gptaq: H = X~ X~^T / N and D = (X - X~) X~^T / N (float64) at the input of linear `name`; X~ from the
+    block as it now is (its earlier sites quantized) on the quantized path's inputs X, X from the unquantized
+    block (fp_weights) on the unquantized path's Xr. Batch by batch, so no site's inputs are stored."""
+    dev, H, D, count = cc.device, 0, 0, 0
+    for i in range(0, X.shape[0], cc.batch_size):
+        xr = site_input(block, name, Xr[i:i + cc.batch_size].to(dev), cos, sin, fp_weights)
+        x = site_input(block, name, X[i:i + cc.batch_size].to(dev), cos, sin)
+        H, D, count = H + (x.T @ x).double(), D + ((xr - x).T @ x).double(), count + x.shape[0]
+    if not (torch.isfinite(H).all() and torch.isfinite(D).all()):
+        raise UserError(NON_FINITE)
+    return H / count, D / count
+
+
+def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None, given=None, clips=None,
+                   Xr=None):
     """Choose T and quantize Q(W T^T) at every site of one block, then install the quantized block.
     given: {slot: Transform} learned beforehand (the kl objective), used as they are; clips: {linear: gamma
     (2, out, groups)} learned clip factors (the kl objective with lwc), which set the final quantizer's ranges.
+    Xr: the unquantized model's inputs to this block (--gptaq, in place of stats): site by site, H and D come from
+    the block with its earlier sites already quantized (true-sequential) and GPTQ fits bq.gptaq_target.
     Returns (the block's tensors, {slot: transform entry}, {site: relative layer loss before and after})."""
     tensors, entries, log, t0 = {}, {}, {}, time.time()
+    fp_weights = None if Xr is None else {f"{name}.weight": block.get_submodule(name).weight.detach().clone()
+                                          for _, linears in SITES for name in linears}
     learned, starts, gammas, block_loss = {}, {}, clips or None, None
     if cc.rotation == "butterfly" and lc.objective == "block":
         learned, starts, gammas, block_loss = learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer)
@@ -199,7 +246,12 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
         seed = cc.seed * 1000003 + 4 * layer + s_i
         Ws = [block.get_submodule(name).weight.detach().to(cc.device, torch.float32) for name in linears]
         W = torch.cat(Ws)                           # (sum of outs, n): linears sharing an input share T
-        n, H = W.shape[1], stats[slot]["H"]
+        n = W.shape[1]
+        if Xr is None:
+            H = stats[slot]["H"]
+        else:
+            H, D = sequential_stats(block, fp_weights, linears[0], X, Xr, cos, sin, cc)
+            W, H = bq.gptaq_target(W, H, D, cc.gptaq), H.float()
         gamma = None if gammas is None else torch.cat([gammas[name].detach() for name in linears], 1)
         first = float("nan")
         if cc.rotation == "butterfly":
@@ -229,10 +281,13 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
                 M = bq.fixed_matrix(n, cc.rotation, seed).to(cc.device)
             after, (q, s, z) = bq.score(W, H, M, qc, ((W @ H) * W).sum(), gamma)
         row = 0
+        What = None if Xr is None else bq.dequantize(q, s.half().float(), z.half().float(), qc.group) @ M  # W~ = Q T
         for name, Wl in zip(linears, Ws):
             rows = slice(row, row + Wl.shape[0])
             tensors[f"{name}.qweight"] = bq.pack(q[rows], qc.bits).cpu()
             tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = s[rows].half().cpu(), z[rows].half().cpu()
+            if What is not None:        # the later sites' statistics see this site quantized, as stored
+                block.get_submodule(name).weight.data = What[rows].contiguous()
             row += Wl.shape[0]
         log[SHORT[slot]] = dict(start=round(first, 5), final=round(after, 5))
     if block_loss is not None:
@@ -283,6 +338,9 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if lc.kl_quantizer == "gptq" and not qc.gptq:
         raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or drop --kl_quantizer (under --rtn: "
                         "rtnh)")
+    if cc.gptaq and (not qc.gptq or (cc.rotation == "butterfly" and lc.objective != "kl")):
+        raise UserError("--gptaq moves GPTQ's target: it needs GPTQ (drop --rtn) and, with learned butterflies, "
+                        "transforms learned before quantizing (the kl objective, the default: drop --objective)")
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
@@ -294,7 +352,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if qc.group > max(args.dim, args.hidden_dim):
         raise UserError(f"--group {qc.group}: wider than every linear's input (at most {max(args.dim, args.hidden_dim)}); "
                         f"0 is one group per row")
-    llama.check_memory(3 * cc.nsamples * cc.seqlen * args.dim * 4, f"--nsamples {cc.nsamples} x --seqlen {cc.seqlen}")
+    llama.check_memory((4 if cc.gptaq else 3) * cc.nsamples * cc.seqlen * args.dim * 4,
+                       f"--nsamples {cc.nsamples} x --seqlen {cc.seqlen}")
     if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
         check_kl_memory(model, cc.device, lc.kl_quantizer in ("gptq", "rtnh"), lc.kl_quantizer == "gptq")
     for path in eval_files:     # fail now, not after calibrating
@@ -328,6 +387,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
         kl_transforms, kl_clips, kl_log = kl_learned(model, samples, cc, qc, lc, partial, sett)
     with torch.no_grad():
         X = model.tok_embeddings(samples).float()                       # (N, T, dim) on CPU
+    Xr = X.clone() if cc.gptaq else None                                # the unquantized path's inputs (--gptaq)
     cos, sin = model.rope(0, cc.seqlen, dev)
     site_log, t_blocks, done_now = {}, time.time(), 0
     for l, block in enumerate(model.layers):
@@ -336,6 +396,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
         block.to(dev, torch.float32)
         if os.path.isfile(bpath):       # finished in an earlier run: rebuild it and move on
             header, tensors = llama.read_safetensors(bpath)
+            if Xr is not None:
+                Xr, _ = run_block(block, Xr, cos, sin, cc, label=f"block {l + 1}: forward, unquantized (resumed)")
             try:
                 slots = set() if cc.rotation == "none" else {slot for slot, _ in SITES}
                 if set(header["transforms"]) != slots or set(header["log"]) - {"block"} != set(SHORT.values()):
@@ -349,12 +411,16 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
             block.cpu()
             site_log.update({f"layers.{l}.{k}": v for k, v in header["log"].items()})
             continue
-        Y, stats = run_block(block, X, cos, sin, cc, capture=True, label=f"block {l + 1}: collecting H")
         given = {slot: T for (i, slot), T in kl_transforms.items() if i == l}
         clips = {name: g for (i, name), g in kl_clips.items() if i == l}
-        tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin, given, clips)  # Y: fp outputs
-        del Y
-        del stats
+        if Xr is None:
+            Y, stats = run_block(block, X, cos, sin, cc, capture=True, label=f"block {l + 1}: collecting H")
+            tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin, given, clips)  # Y: fp outputs
+            del Y, stats
+        else:
+            Xr_next, _ = run_block(block, Xr, cos, sin, cc, label=f"block {l + 1}: forward, unquantized")
+            tensors, entries, log = quantize_block(block, None, cc, qc, lc, l, X, None, cos, sin, given, clips, Xr)
+            Xr = Xr_next
         block.to(dev)
         X, _ = run_block(block, X, cos, sin, cc, label=f"block {l + 1}: forward, quantized")   # the next inputs
         llama.check_finite(tensors, f"block {l} after quantization (fp16 scales overflow?)")
@@ -953,6 +1019,11 @@ def parse_args(argv=None):
     p.add_argument("--gptq", action="store_true", default=True, help="GPTQ on the rotated weights (default)")
     p.add_argument("--rtn", "--w_rtn", dest="gptq", action="store_false", help="round to nearest instead of GPTQ")
     p.add_argument("--act_order", action="store_true", help="GPTQ column order by decreasing H diagonal")
+    p.add_argument("--gptaq", type=float, default=0.0, metavar="ALPHA",
+                   help="GPTQ fits the unquantized model's outputs (GPTAQ's asymmetric calibration): each site's "
+                        "target is moved the fraction ALPHA in [0, 1] toward the least-squares fit of the unquantized "
+                        "path's outputs from the quantized path's inputs, collected site by site (4 more partial "
+                        "forward passes per block); 0: off")
     p.add_argument("--calib", "--cal_dataset", default=None,
                    help="calibration text (.txt or .jsonl), or wikitext2 (WikiText-103 valid locally, else WikiText-2 "
                         "train) or c4 (en train shard 00000), found in $BQ_DATA, ../shared/data, the cache, then the "
@@ -1041,13 +1112,16 @@ def parse_args(argv=None):
     nsamples = a.nsamples if a.nsamples is not None else (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
     seqlen = a.seqlen if a.seqlen is not None else (DATA_FREE_CPU[1] if data_free_cpu else 2048)
     cc = CalibConfig(a.ckpt, a.rotation, a.calib, nsamples, seqlen, a.seed, a.unif_tokens, a.batch_size, a.device,
-                     a.finetune, a.finetune_lr)
+                     a.finetune, a.finetune_lr, a.gptaq)
     for name in ("nsamples", "seqlen", "batch_size", "unif_tokens"):
         if getattr(cc, name) < 1:
             raise UserError(f"--{name} must be positive")
     if cc.finetune < 0 or (cc.finetune_lr is not None and not 0 < cc.finetune_lr < 1) or \
             (a.finetune_from and cc.finetune < 1):
         raise UserError("--finetune must be >= 0 (>= 1 with --finetune_from) and --finetune_lr in (0, 1)")
+    if not 0 <= cc.gptaq <= 1 or (cc.gptaq and (a.sweep or a.finetune_from)):
+        raise UserError("--gptaq must be in [0, 1], and not with --sweep (its rows are the default GPTQ) or "
+                        "--finetune_from (the file is already quantized)")
     if not 0 <= cc.seed < 2 ** 32 or (a.eval_limit is not None and a.eval_limit < 1):
         raise UserError("--seed must be in [0, 2^32) and --eval_limit >= 1")
     llama.check_device(cc.device)
@@ -1082,6 +1156,7 @@ def parse_args(argv=None):
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"
+                                    f"{'-gptaq' + str(cc.gptaq) if cc.gptaq else ''}"
                                     f"{'-e2e' + str(cc.finetune) if cc.finetune else ''}.safetensors")
     inputs = [a.finetune_from, cc.ckpt, *calib_sources(cc.calib), os.path.join(SHARED_DATA, "wikitext103_valid.txt"),
               *(a.eval_data or [])]

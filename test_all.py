@@ -491,6 +491,22 @@ def test_gptq_on_learned_clips_rounds_on_their_grid_and_is_rtn_without_error_fee
         assert l_gptq < 0.9 * bq.recon_loss_trace(W, bq.dequantize(rq, rs, rz, group), I, H)
 
 
+def test_gptaq_target_is_the_least_squares_fit_of_the_unquantized_outputs():
+    """alpha 1 without damping: W* = argmin ||W* X~ - W X||^2 (float64 lstsq over the tokens); alpha 0: W itself.
+    GPTQ on W* then fits the unquantized outputs W X better than GPTQ on W does."""
+    g = torch.Generator().manual_seed(5)
+    W, X, _ = layer_with_hessian(out=24, n=64, tokens=800)
+    Xq = X + 0.3 * torch.randn(X.shape, generator=g) * X.std(1, keepdim=True)     # the quantized path's inputs
+    X64, Xq64 = X.double(), Xq.double()
+    H, D = Xq64 @ Xq64.T / 800, (X64 - Xq64) @ Xq64.T / 800
+    ref = torch.linalg.lstsq(Xq64.T, (W.double() @ X64).T).solution.T
+    assert torch.allclose(bq.gptaq_target(W.double(), H, D, 1.0, percdamp=0.0), ref, atol=1e-9)
+    assert torch.equal(bq.gptaq_target(W, H, D, 0.0), W)
+    cfg, Hf = bq.QuantConfig(4, 32), H.float()
+    err = lambda T: (bq.dequantize(*bq.gptq(T, Hf, cfg), 32).double() @ Xq64 - W.double() @ X64).norm()  # noqa: E731
+    assert err(bq.gptaq_target(W, H, D, 1.0)) < 0.9 * err(W)
+
+
 def test_gptq_column_weights_are_the_variances_the_later_inputs_leave():
     """d_i = H_ii - H_i,>i H_>i,>i^-1 H_>i,i of the damped H, in float64 from the definition."""
     W, X, H = layer_with_hessian(out=8, n=96, tokens=500)
@@ -854,6 +870,70 @@ def test_killed_calibration_resumes_after_the_last_finished_block(tmp_path, monk
     calibrate.main(argv)
     a, b = load_file(out), load_file(clean)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_shared
+def test_gptaq_statistics_match_full_forward_passes_in_float64():
+    """sequential_stats (the block stopped at the site, batch by batch) against hooks on full forward passes in
+    float64: H = X~ X~^T / N from the block as it is on X, D = (X - X~) X~^T / N with X from the unquantized weights
+    on Xr. Block 1 of stories260K, its qkv weights perturbed as quantizing would."""
+    model = llama.load(STORIES)[0].double()
+    block, g = model.layers[1], torch.Generator().manual_seed(0)
+    cc = calibrate.CalibConfig(batch_size=2, device="cpu")
+    fp = {f"{n}.weight": block.get_submodule(n).weight.detach().clone() for _, ls in llama.SITES for n in ls}
+    for n in ("attention.wq", "attention.wk", "attention.wv"):
+        w = block.get_submodule(n).weight
+        w.data += 0.05 * w.abs().mean() * torch.randn(w.shape, generator=g, dtype=w.dtype)
+    X = torch.randn(5, 16, model.args.dim, generator=g, dtype=torch.float64)
+    Xr = X + 0.1 * torch.randn(X.shape, generator=g, dtype=torch.float64)
+    cos, sin = model.rope(0, 16, "cpu")
+    for name in ("attention.wo", "feed_forward.w2"):
+        got = []
+        h = block.get_submodule(name).register_forward_pre_hook(lambda m, i: got.append(i[0].reshape(-1, i[0].shape[-1])))
+        block(X, cos, sin)
+        torch.func.functional_call(block, fp, (Xr, cos, sin))
+        h.remove()
+        x, xr = got
+        H, D = calibrate.sequential_stats(block, fp, name, X, Xr, cos, sin, cc)
+        assert torch.allclose(H, x.T @ x / len(x), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(D, (xr - x).T @ x / len(x), rtol=1e-9, atol=1e-12)
+        assert D.abs().max() > 1e-3 * H.abs().max()        # the two paths differ there
+
+
+@needs_shared
+@pytest.mark.parametrize("rotation", ["hadamard", "butterfly"])
+def test_gptaq_calibration_resumes_to_the_same_file_and_fits_the_unquantized_outputs(tmp_path, monkeypatch, rotation):
+    """--gptaq 1: a run killed in block 3 resumes (the unquantized path rebuilt through the finished blocks) and
+    writes the file an uninterrupted run writes; its first block fits the unquantized outputs of the site it
+    feeds (wo's, from the quantized qkv) better than plain GPTQ's file does, measured on the calibration tokens."""
+    out, argv = tiny_calibrate(tmp_path, "--rotation", rotation, "--gptaq", "1", "--bits", "4")
+    clean, plain = str(tmp_path / "clean.safetensors"), str(tmp_path / "plain.safetensors")
+    o, i = argv.index("--out"), argv.index("--gptaq")
+    calibrate.main(argv[:o + 1] + [clean] + argv[o + 2:])
+    killed_in_block_3(argv, monkeypatch)
+    assert sorted(os.listdir(out + ".partial"))[:2] == ["block_000.safetensors", "block_001.safetensors"]
+    calibrate.main(argv)
+    a, b = load_file(out), load_file(clean)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if rotation == "hadamard":
+        calibrate.main([x for j, x in enumerate(argv[:o + 1] + [plain] + argv[o + 2:]) if j not in (i, i + 1)])
+        fp, tok = llama.load(STORIES)
+        cc = calibrate.CalibConfig(calib=argv[argv.index("--calib") + 1], nsamples=4, seqlen=128)
+        samples, _ = calibrate.calibration_samples(cc, fp, tok)
+        cos, sin = fp.rope(0, 128, "cpu")
+
+        def site_error(path):     # ||wo~(x~) - wo(x)||: x~ from the file's block 0 (its qkv quantized), x from fp's
+            q, got = llama.load(path)[0], []
+            with torch.no_grad():
+                h = fp.tok_embeddings(samples).float()
+                hooks = [m.register_forward_hook(lambda mod, inp, y: got.append(y))
+                         for m in (fp.layers[0].attention.wo, q.layers[0].attention.wo)]
+                fp.layers[0](h, cos, sin)
+                q.layers[0](h, cos, sin)
+                for k in hooks:
+                    k.remove()
+            return (got[1] - got[0]).norm().item()
+        assert site_error(out) < site_error(plain)
 
 
 @needs_shared
@@ -2220,6 +2300,11 @@ BAD_INPUTS = {
         c, None, "--objective", "layer", "--kl_quantizer", "gptq")),
     "cal clip-search stand-in with lwc": ("--lwc learns its own", lambda c, q: cal(
         c, None, "--rtn", "--kl_quantizer", "rtnclip", "--lwc")),
+    "cal gptaq above one": ("--gptaq", lambda c, q: cal(c, None, "--gptaq", "1.5")),
+    "cal gptaq nan": ("--gptaq", lambda c, q: cal(c, None, "--gptaq", "nan")),
+    "cal gptaq under rtn": ("needs GPTQ", lambda c, q: cal(c, None, "--gptaq", "0.25", "--rtn")),
+    "cal gptaq with the layer objective": ("needs GPTQ", lambda c, q: cal(
+        c, None, "--gptaq", "0.25", "--objective", "layer")),
 }
 
 
