@@ -723,9 +723,9 @@ def gptaq_target(W, H, D, alpha, percdamp=0.01):
     The least-squares fit of the unquantized outputs,  argmin ||W* X~ - W X||^2 = W X X~^T (X~ X~^T)^-1, is
     W* = W + W D H^-1  with  H = X~ X~^T / N,  D = (X - X~) X~^T / N.  alpha in [0, 1] takes that step part way
     (0: GPTQ's own target W); H is damped as gptq() damps it. GPTQ then quantizes W* on H as usual."""
-    H, D = H.double(), D.double()
-    Hd = H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    step = torch.linalg.solve(Hd, D.T).T                # D Hd^-1 (Hd symmetric)
+    Hd = H.double().clone()
+    Hd.diagonal().add_(percdamp * torch.diagonal(Hd).mean())
+    step = torch.linalg.solve(Hd, D.double().T).T       # D Hd^-1 (Hd symmetric)
     return (W.double() + alpha * (W.double() @ step)).to(W.dtype)
 
 

@@ -216,14 +216,18 @@ def sequential_stats(block, fp_weights, name, X, Xr, cos, sin, cc):
     """--gptaq: H = X~ X~^T / N and D = (X - X~) X~^T / N (float64) at the input of linear `name`; X~ from the
     block as it now is (its earlier sites quantized) on the quantized path's inputs X, X from the unquantized
     block (fp_weights) on the unquantized path's Xr. Batch by batch, so no site's inputs are stored."""
-    dev, H, D, count = cc.device, 0, 0, 0
+    dev, count = cc.device, 0
+    n = block.get_submodule(name).in_features
+    H, D = (torch.zeros(n, n, dtype=torch.float64, device=dev) for _ in range(2))
     for i in range(0, X.shape[0], cc.batch_size):
         xr = site_input(block, name, Xr[i:i + cc.batch_size].to(dev), cos, sin, fp_weights)
         x = site_input(block, name, X[i:i + cc.batch_size].to(dev), cos, sin)
-        H, D, count = H + (x.T @ x).double(), D + ((xr - x).T @ x).double(), count + x.shape[0]
+        H += (x.T @ x).double()
+        D += ((xr - x).T @ x).double()
+        count += x.shape[0]
     if not (torch.isfinite(H).all() and torch.isfinite(D).all()):
         raise UserError(NON_FINITE)
-    return H / count, D / count
+    return H.div_(count), D.div_(count)
 
 
 def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, sin=None, given=None, clips=None,
@@ -252,6 +256,7 @@ def quantize_block(block, stats, cc, qc, lc, layer, X=None, Y=None, cos=None, si
         else:
             H, D = sequential_stats(block, fp_weights, linears[0], X, Xr, cos, sin, cc)
             W, H = bq.gptaq_target(W, H, D, cc.gptaq), H.float()
+            del D
         gamma = None if gammas is None else torch.cat([gammas[name].detach() for name in linears], 1)
         first = float("nan")
         if cc.rotation == "butterfly":
@@ -338,9 +343,10 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if lc.kl_quantizer == "gptq" and not qc.gptq:
         raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or drop --kl_quantizer (under --rtn: "
                         "rtnh)")
-    if cc.gptaq and (not qc.gptq or (cc.rotation == "butterfly" and lc.objective != "kl")):
-        raise UserError("--gptaq moves GPTQ's target: it needs GPTQ (drop --rtn) and, with learned butterflies, "
-                        "transforms learned before quantizing (the kl objective, the default: drop --objective)")
+    if cc.gptaq and (not qc.gptq or lc.lwc or (cc.rotation == "butterfly" and lc.objective != "kl")):
+        raise UserError("--gptaq moves GPTQ's target: it needs GPTQ (drop --rtn), no learned clip factors (they were "
+                        "learned for the weights it moves: drop --lwc) and, with learned butterflies, transforms learned "
+                        "before quantizing (the kl objective, the default: drop --objective)")
     torch.manual_seed(cc.seed)
     t_start = time.time()
     model, tok = llama.load(cc.ckpt)
@@ -1022,8 +1028,8 @@ def parse_args(argv=None):
     p.add_argument("--gptaq", type=float, default=0.0, metavar="ALPHA",
                    help="GPTQ fits the unquantized model's outputs (GPTAQ's asymmetric calibration): each site's "
                         "target is moved the fraction ALPHA in [0, 1] toward the least-squares fit of the unquantized "
-                        "path's outputs from the quantized path's inputs, collected site by site (4 more partial "
-                        "forward passes per block); 0: off")
+                        "path's outputs from the quantized path's inputs, collected site by site (per block: one "
+                        "unquantized forward pass and two partial ones per site); 0: off")
     p.add_argument("--calib", "--cal_dataset", default=None,
                    help="calibration text (.txt or .jsonl), or wikitext2 (WikiText-103 valid locally, else WikiText-2 "
                         "train) or c4 (en train shard 00000), found in $BQ_DATA, ../shared/data, the cache, then the "

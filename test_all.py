@@ -502,6 +502,7 @@ def test_gptaq_target_is_the_least_squares_fit_of_the_unquantized_outputs():
     ref = torch.linalg.lstsq(Xq64.T, (W.double() @ X64).T).solution.T
     assert torch.allclose(bq.gptaq_target(W.double(), H, D, 1.0, percdamp=0.0), ref, atol=1e-9)
     assert torch.equal(bq.gptaq_target(W, H, D, 0.0), W)
+    assert torch.allclose(bq.gptaq_target(W.double(), H, D, 0.5, percdamp=0.0), (W + ref) / 2, atol=1e-9)
     cfg, Hf = bq.QuantConfig(4, 32), H.float()
     err = lambda T: (bq.dequantize(*bq.gptq(T, Hf, cfg), 32).double() @ Xq64 - W.double() @ X64).norm()  # noqa: E731
     assert err(bq.gptaq_target(W, H, D, 1.0)) < 0.9 * err(W)
@@ -2305,6 +2306,7 @@ BAD_INPUTS = {
     "cal gptaq under rtn": ("needs GPTQ", lambda c, q: cal(c, None, "--gptaq", "0.25", "--rtn")),
     "cal gptaq with the layer objective": ("needs GPTQ", lambda c, q: cal(
         c, None, "--gptaq", "0.25", "--objective", "layer")),
+    "cal gptaq with learned clips": ("drop --lwc", lambda c, q: cal(c, None, "--gptaq", "0.25", "--lwc")),
 }
 
 
