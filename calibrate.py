@@ -324,6 +324,22 @@ def tokens_fingerprint(samples):
 FINGERPRINTS = ("ckpt_fingerprint", "calib_fingerprint")        # in the settings, beside what settings() records
 
 
+def kept(out, sett):
+    """The summary of `out` when an earlier run already wrote it with exactly `sett` (the settings, the checkpoint's
+    and the calibration tokens' fingerprints), else None: rerunning a finished command reports on its file instead of
+    calibrating again."""
+    if not os.path.isfile(out):
+        return None
+    header = llama.read_safetensors(out, tensors=False)[0]
+    if header.get("settings") != json.loads(json.dumps(sett)):
+        return None
+    print(f"{out} was made with these settings, checkpoint and calibration tokens: kept (delete it to make it "
+          f"again)", file=sys.stderr)
+    return dict(out=out, bits_per_weight=header.get("bits_per_weight"),
+                calibration_seconds=header.get("calibration_seconds"), calib_source=header.get("calib_source"),
+                settings=header["settings"], kept=True)
+
+
 def start_partial(partial, sett):
     """OUT.partial/ with its settings.json, made when the first result worth keeping is ready."""
     if not os.path.isfile(os.path.join(partial, "settings.json")):
@@ -382,6 +398,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
             raise UserError(f"{partial} holds a run {what}; delete it to start over, or rerun with the same "
                             f"arguments, checkpoint and calibration text")
         print(f"resuming from {partial}", file=sys.stderr)
+    elif (res := kept(out, sett)) is not None:
+        return res
 
     dev = cc.device
     print(f"calibrating {cc.ckpt}: {args.n_layers} blocks, dim {args.dim}, ffn {args.hidden_dim} | W{qc.bits} "
@@ -830,6 +848,8 @@ def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
     if sett.get("calib_fingerprint", tokens_fingerprint(samples)) != tokens_fingerprint(samples):
         raise UserError(f"{src} was calibrated on other tokens than {source} gives now (its text changed)")
     lr = cc.finetune_lr or finetune_lr(bits)
+    if (res := kept(out, dict(sett, finetune=cc.finetune, finetune_lr=lr))) is not None:
+        return res
     try:
         ft = finetune(model, fp, samples, cc.finetune, lr, made.seed, cc.device)
     except bq.LearningError as e:

@@ -1297,7 +1297,7 @@ def test_sweep_row_stopped_during_its_evaluation_keeps_its_file_and_one_of_other
 @needs_shared
 def test_default_output_name_never_replaces_a_file_made_with_other_settings(tmp_path, monkeypatch):
     """The default --out names some settings only (not the seed, the text, the sample count): a second run with
-    another seed must not replace the first's file, while a rerun of the same command may."""
+    another seed must not replace the first's file, while a rerun of the same command may write it."""
     monkeypatch.chdir(tmp_path)
     _, argv = tiny_calibrate(tmp_path)
     i = argv.index("--out")
@@ -1315,6 +1315,30 @@ def test_default_output_name_never_replaces_a_file_made_with_other_settings(tmp_
     with pytest.raises(llama.UserError, match=r"other settings \(finetune_lr\)"):
         calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_lr", "1e-5"])
     assert open(got["out"], "rb").read() == before
+
+
+@needs_shared
+def test_a_finished_command_run_again_keeps_its_file_and_another_seed_calibrates_again(tmp_path, monkeypatch):
+    """Rerun with the same settings, checkpoint and calibration tokens, calibration (and --finetune_from's pass)
+    finds its finished file and returns without quantizing a block or taking a step, the file untouched; the same
+    --out with another seed calibrates again."""
+    out, argv = tiny_calibrate(tmp_path)
+    calibrate.main(argv)
+    ft_argv = ["--ckpt", STORIES, "--finetune_from", out, "--finetune", "2", "--out", str(tmp_path / "ft.safetensors"),
+               "--device", "cpu", "--no_eval"]
+    calibrate.main(ft_argv)
+    files = {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in (out, str(tmp_path / "ft.safetensors"))}
+
+    def never(*a, **k):
+        raise AssertionError("a finished run started again")
+    with monkeypatch.context() as m:
+        m.setattr(calibrate, "quantize_block", never)
+        m.setattr(calibrate, "finetune", never)
+        assert calibrate.main(argv)["kept"] and calibrate.main(ft_argv)["kept"]
+        with pytest.raises(AssertionError, match="started again"):
+            calibrate.main(argv + ["--seed", "1"])
+    assert {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in files} == files
+    assert llama.read_json(os.path.join(out + ".partial", "settings.json"))["seed"] == 1   # its progress, kept apart
 
 
 @needs_shared
