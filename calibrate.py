@@ -335,9 +335,14 @@ def kept(out, sett):
         return None
     print(f"{out} was made with these settings, checkpoint and calibration tokens: kept (delete it to make it "
           f"again)", file=sys.stderr)
-    return dict(out=out, bits_per_weight=header.get("bits_per_weight"),
+    return dict(file_summary(out, header), kept=True)
+
+
+def file_summary(path, header):
+    """What calibrate() returns about the file it wrote, read back from that file's header."""
+    return dict(out=path, bits_per_weight=header.get("bits_per_weight"),
                 calibration_seconds=header.get("calibration_seconds"), calib_source=header.get("calib_source"),
-                settings=header["settings"], kept=True)
+                settings=header.get("settings"))
 
 
 def start_partial(partial, sett):
@@ -985,8 +990,7 @@ def made_as(path, want, what):
     header = llama.read_safetensors(path, tensors=False)[0]
     if {k: v for k, v in header.get("settings", {}).items() if k not in FINGERPRINTS} != json.loads(json.dumps(want)):
         raise UserError(f"{path} was made with other settings than {what}; move it aside")
-    return dict(out=path, bits_per_weight=header.get("bits_per_weight"),
-                calibration_seconds=header.get("calibration_seconds"))
+    return file_summary(path, header)
 
 
 def sweep_table(done, names, seeds=SWEEP_SEEDS):
