@@ -486,7 +486,8 @@ class LearnConfig:
                                # rtnclip (RTN on the unweighted clip search's ranges), rtnh (on the file's RTN
                                # ranges: the search with its H-scored choice per row, H at every site;
                                # calibrate.py's default under --rtn without --lwc) or gptq (fake_quant_gptq_ste, on the clip search's
-                               # grid or the learned clips; calibrate.py's default under GPTQ)
+                               # grid or the learned clips; calibrate.py's default under GPTQ), or gptaq
+                               # (gptq on --gptaq's target W*: calibrate.py, with --gptaq only)
 
     def __post_init__(self):
         defaults = dict(layer=("best", 30, 0.5, "sgd"), gptq=("rhadamard", 300, 0.02, "adam"),
@@ -509,7 +510,7 @@ class LearnConfig:
         if self.objective == "kl" and (self.init == "best" or self.optim != "adam"):
             raise ValueError("the kl objective starts every site from one --init (identity, hadamard, rhadamard or "
                              "random; 'best' needs a layer loss) and learns with adam")
-        if self.kl_quantizer not in ("rtn", "rtnclip", "rtnh", "gptq"):
+        if self.kl_quantizer not in ("rtn", "rtnclip", "rtnh", "gptq", "gptaq"):
             raise ValueError(f"unknown kl quantizer {self.kl_quantizer!r}")
         if self.kl_quantizer != "rtn" and self.objective != "kl":
             raise ValueError(f"the {self.kl_quantizer} stand-in (--kl_quantizer {self.kl_quantizer}) is the kl objective's only")

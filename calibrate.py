@@ -361,9 +361,11 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if lc.lwc and cc.rotation != "butterfly" and lc.objective != "kl":
         raise UserError(f"--lwc with --rotation {cc.rotation}: a fixed rotation's clip factors are learned by the kl "
                         f"objective only (the default: drop --objective)")
-    if lc.kl_quantizer == "gptq" and not qc.gptq:
-        raise UserError("--kl_quantizer gptq stands in for GPTQ: drop --rtn, or drop --kl_quantizer (under --rtn: "
-                        "rtnh)")
+    if lc.kl_quantizer in ("gptq", "gptaq") and not qc.gptq:
+        raise UserError(f"--kl_quantizer {lc.kl_quantizer} stands in for GPTQ: drop --rtn, or drop --kl_quantizer (under "
+                        f"--rtn: rtnh)")
+    if lc.kl_quantizer == "gptaq" and not cc.gptaq:
+        raise UserError("--kl_quantizer gptaq stands in for GPTQ under --gptaq: give --gptaq ALPHA")
     if cc.gptaq and (not qc.gptq or lc.lwc or (cc.rotation == "butterfly" and lc.objective != "kl")):
         raise UserError("--gptaq moves GPTQ's target: it needs GPTQ (drop --rtn), no learned clip factors (they were "
                         "learned for the weights it moves: drop --lwc) and, with learned butterflies, transforms learned "
@@ -382,7 +384,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     llama.check_memory((4 if cc.gptaq else 3) * cc.nsamples * cc.seqlen * args.dim * 4,
                        f"--nsamples {cc.nsamples} x --seqlen {cc.seqlen}")
     if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
-        check_kl_memory(model, cc.device, lc.kl_quantizer in ("gptq", "rtnh"), lc.kl_quantizer == "gptq")
+        check_kl_memory(model, cc.device, lc.kl_quantizer in ("gptq", "gptaq", "rtnh"), lc.kl_quantizer in ("gptq", "gptaq"),
+                        lc.kl_quantizer == "gptaq")
     for path in eval_files:     # fail now, not after calibrating
         evaluation.windows(evaluation.tokenize_corpus(tok, path), min(eval_seqlen, args.max_seq_len))
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
@@ -495,6 +498,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
 # the end-to-end pass: scales and transforms against the unquantized model's next-token distribution
 
 FINETUNE_TOKENS = 1024      # tokens per step: the calibration samples are cut into chunks of this many
+GPTAQ_SAMPLES = 4           # calibration samples behind the gptaq stand-in's H~ and D at each refresh (a pass of both models each)
 
 
 def finetune_lr(bits):
@@ -645,7 +649,9 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 # RTN's ranges, less its H-scored choice per row; rtnh, the default under --rtn: the final RTN's ranges, H-scored
 # choice included, H_s from the unquantized model's inputs at site s); or, with kl_quantizer gptq (the default
 # under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error model, H_s from the unquantized model's
-# inputs at site s. SpinQuant learns its rotations this way (then quantizes
+# inputs at site s; with kl_quantizer gptaq (for --gptaq) the same on gptaq's target W* = W + alpha W D_s H~_s^-1
+# (bq.gptaq_target, H~_s and D_s from the straight-through model's inputs at site s against the unquantized
+# model's, recomputed with F). SpinQuant learns its rotations this way (then quantizes
 # with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with
 # the final quantizer (GPTQ on T H T^T, or RTN).
 
@@ -654,16 +660,17 @@ class FakeQuantLinear(nn.Module):
     to Q's error, and gradients reach T through both, and the clip factors sigmoid(gamma) (2, out, groups) when
     given. With `feedback` = F(T H T^T) set, Q is GPTQ's stand-in (bq.fake_quant_gptq_ste) on the grid of the
     learned clip factors, else of the fixed ones in `grid`; without it, straight-through RTN on the learned clip
-    factors, else on `grid` (kl_quantizer rtnclip or rtnh), else min-max."""
+    factors, else on `grid` (kl_quantizer rtnclip or rtnh), else min-max. With `target` set (kl_quantizer gptaq),
+    Q quantizes W* = target in place of W, as GPTQ under --gptaq does."""
 
     def __init__(self, weight, T, qc, gamma=None):
         super().__init__()
         self.register_buffer("weight", weight)
         self.T, self.qc, self.gamma = T, qc, gamma
-        self.feedback = self.grid = None
+        self.feedback = self.grid = self.target = None
 
     def forward(self, x):   # (..., in) -> (..., out)
-        Wr = self.T(self.weight)                                                            # (out, in)
+        Wr = self.T(self.weight if self.target is None else self.target)                    # (out, in)
         if self.feedback is None:
             return F.linear(x, bq.fake_quant_ste(Wr, self.qc, self.gamma if self.gamma is not None else self.grid))
         return F.linear(x, bq.fake_quant_gptq_ste(Wr, self.feedback, self.qc,
@@ -694,20 +701,61 @@ def site_hessians(model, samples, device):
     return {k: (acc.pop(k) / samples.numel()).float().cpu() for k in list(acc)}
 
 
-def check_kl_memory(model, device, hessians, feedback):
+@torch.no_grad()
+def gptaq_site_stats(model, ref, sites, samples, device):
+    """kl_quantizer gptaq: at every site (T, key, _) of the straight-through `model`, H~ = X~ X~^T / N and
+    D = (X - X~) X~^T / N (summed in float64), X~ the site's inputs in `model` as it now is and X the unquantized `ref`'s,
+    both before T: the statistics sequential_stats gives the file's GPTQ under --gptaq, from the whole
+    quantized model instead of the blocks quantized so far. One sample at a time: {key: (H~, D)}."""
+    acc, xs, hooks = {}, {}, []
+
+    def keep(key):
+        def hook(mod, inp):
+            xs[key] = inp[0].reshape(-1, inp[0].shape[-1])                              # (tokens, n)
+        return hook
+
+    def add(key):
+        def hook(mod, inp):
+            if inp[0].dim() != 3:       # FakeQuantLinear also calls T on its (out, in) weight; activations: (B, T, n)
+                return
+            x, xr = inp[0].reshape(-1, inp[0].shape[-1]), xs.pop(key)                   # (tokens, n)
+            H, D = acc.get(key, (0, 0))
+            acc[key] = (H + (x.T @ x).double(), D + ((xr - x).T @ x).double())         # summed as sequential_stats does
+        return hook
+    for T, (l, slot), _ in sites:
+        hooks += [ref.layers[l].get_submodule(slot).register_forward_pre_hook(keep((l, slot))),
+                  T.register_forward_pre_hook(add((l, slot)))]
+    try:
+        for i in range(len(samples)):
+            x = samples[i:i + 1].to(device)
+            ref(x)
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not all(torch.isfinite(H).all() and torch.isfinite(D).all() for H, D in acc.values()):
+        raise UserError(NON_FINITE)
+    return {k: (H / samples.numel(), D / samples.numel()) for k, (H, D) in acc.items()}
+
+
+def check_kl_memory(model, device, hessians, feedback, stats=False):
     """Refuse, before any work, a kl objective whose tensors alone outgrow the device (or, for H, host memory):
     the model in fp32 and the reference in its own dtype, plus with the GPTQ stand-in (`feedback`) F at every site,
     sum(n^2) floats; with H at every site (`hessians`: the gptq and rtnh stand-ins) H waits in host memory, and
     before learning is summed in float64 on the device beside the model alone (LLaMA-2-7B: 27 + 13 + 22 GB
-    learning with F, 27 + 44 GB summing; 22 GB of H in host memory)."""
+    learning with F, 27 + 44 GB summing; 22 GB of H in host memory). The gptaq stand-in (`stats`) adds H~ and D at
+    every site in float64 and W* at every linear, beside everything else (LLaMA-2-7B: another 88 + 27 GB)."""
     params = list(model.parameters())
     P, ref_bytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     n = [model.layers[0].get_submodule(names[0]).in_features for _, names in SITES]
     sites = len(model.layers) * sum(k * k for k in n) * 4 if hessians else 0      # bytes of F (or of H) in fp32
     if hessians:
         llama.check_memory(sites, "the kl objective's stand-in (H at every site, in host memory)")
+    extra = 4 * sites + 4 * P if stats else 0
+    if stats and not str(device).startswith("cuda"):
+        llama.check_memory(extra, "the gptaq stand-in (H~ and D at every site in float64, W* at every linear)")
     if str(device).startswith("cuda"):
-        need = 4 * P + max(ref_bytes + (sites if feedback else 0), 2 * sites)
+        need = 4 * P + max(ref_bytes + (sites if feedback else 0) + extra, 2 * sites)
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         if need > total:
             raise UserError(f"the kl objective needs at least {need / 2 ** 30:.1f} GiB on {device} (the model in fp32, "
@@ -727,7 +775,7 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     for block in model.layers:
         block.float()
     hessians = None
-    if lc.kl_quantizer in ("gptq", "rtnh"):     # the reference waits in host memory while the float64 sums take its place
+    if lc.kl_quantizer in ("gptq", "gptaq", "rtnh"):     # the reference waits in host memory while the float64 sums take its place
         ref.cpu()
         hessians = site_hessians(model, samples, dev)
         ref.to(dev)
@@ -758,11 +806,19 @@ def learn_kl(model, ref, samples, cc, qc, lc):
                 M = T.matrix() if isinstance(T, bq.Transform) else T.M if isinstance(T, llama.OnlineTransform) else None
                 H = hessians[key].to(dev)                                                   # (n, n)
                 Hr = H if M is None else M @ H @ M.T                                        # H of the inputs T x
-            feedback = bq.gptq_feedback(Hr) if lc.kl_quantizer == "gptq" else None
+            feedback = bq.gptq_feedback(Hr) if lc.kl_quantizer in ("gptq", "gptaq") else None
             for f in fakes:
                 f.feedback = feedback
+                W = f.weight if f.target is None else f.target
                 if f.gamma is None:
-                    f.grid = bq.clip_logits(T(f.weight), qc) if feedback is not None else bq.clip_grid(T(f.weight), qc, Hr)
+                    f.grid = bq.clip_logits(T(W), qc) if feedback is not None else bq.clip_grid(T(W), qc, Hr)
+        if lc.kl_quantizer == "gptaq":      # the target of the model as it now is (the previous target's, at first W's)
+            stats = gptaq_site_stats(model, ref, sites, samples[:GPTAQ_SAMPLES], dev)
+            for T, key, fakes in sites:
+                H, D = stats.pop(key)
+                for f in fakes:
+                    f.target = bq.gptaq_target(f.weight, H, D, cc.gptaq)
+                    f.grid = bq.clip_logits(T(f.target), qc)
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
     every = (lc.refresh, refresh) if lc.kl_quantizer != "rtn" else None
@@ -1082,12 +1138,14 @@ def parse_args(argv=None):
     p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq, rtnclip, rtnh: steps "
                                                            "between recomputations of GPTQ's column weights or "
                                                            "feedback, or of the clip search's ranges")
-    p.add_argument("--kl_quantizer", default=None, choices=["rtn", "rtnclip", "rtnh", "gptq"],
+    p.add_argument("--kl_quantizer", default=None, choices=["rtn", "rtnclip", "rtnh", "gptq", "gptaq"],
                    help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips); rtnclip: "
                         "RTN on the clip search's ranges, recomputed every --refresh steps; rtnh: on the ranges the "
                         "file's RTN picks, the clip search with its H-scored choice per row (H at every site); or gptq: RTN's rounding "
                         "error pushed forward through GPTQ's feedback F(T H T^T), on the clip search's grid or the "
-                        "learned clips (default: the final quantizer's: gptq, or under --rtn rtnh, rtn with --lwc)")
+                        "learned clips; gptaq (with --gptaq): gptq on --gptaq's target, its statistics from the "
+                        "straight-through model, recomputed with F (default: the final quantizer's: gptq, or under "
+                        "--rtn rtnh, rtn with --lwc)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
     p.add_argument("--lwc", action="store_true",

@@ -1023,17 +1023,17 @@ def test_kl_stand_in_on_the_clip_searchs_ranges_is_the_files_rtn():
 
 
 @needs_shared
-@pytest.mark.parametrize("stand_in", ["gptq", "rtnclip", "rtnh"])
+@pytest.mark.parametrize("stand_in", ["gptq", "gptaq", "rtnclip", "rtnh"])
 def test_kl_objective_with_a_refreshed_stand_in_moves_every_angle_and_lowers_its_kl(stand_in):
     """--kl_quantizer gptq (H from the unquantized model's inputs at every site, the stand-in's feedback and grid),
-    rtnclip (the clip search's grid) and rtnh (the grid H-scored per row), refreshed as T moves, each from its
-    default start (the randomised Hadamard, the identity): the stand-in model's KL falls and every angle leaves its
-    start."""
+    gptaq (the same on --gptaq's target), rtnclip (the clip search's grid) and rtnh (the grid H-scored per row),
+    refreshed as T moves, each from its default start (the randomised Hadamard, the identity): the stand-in model's
+    KL falls and every angle leaves its start."""
     model, ref = llama.load(STORIES)[0], llama.load(STORIES)[0]
     samples = torch.randint(1, 512, (4, 128), generator=torch.Generator().manual_seed(0))
-    cc = calibrate.CalibConfig(ckpt=STORIES)
+    cc = calibrate.CalibConfig(ckpt=STORIES, gptaq=0.25 if stand_in == "gptaq" else 0.0)
     lc, qc = bq.LearnConfig(objective="kl", kl_quantizer=stand_in, steps=6, refresh=2), bq.QuantConfig(2, 32)
-    assert lc.init == {"gptq": "rhadamard", "rtnclip": "identity", "rtnh": "identity"}[stand_in]
+    assert lc.init == {"gptq": "rhadamard", "gptaq": "rhadamard", "rtnclip": "identity", "rtnh": "identity"}[stand_in]
     transforms, _, res = calibrate.learn_kl(model, ref, samples, cc, qc, lc)
     assert res["kl_after"] < res["kl_before"] and len(transforms) == 20
     minmax = calibrate.learn_kl(model, ref, samples, cc, qc, replace(lc, kl_quantizer="rtn", steps=0))[2]
@@ -1042,6 +1042,49 @@ def test_kl_objective_with_a_refreshed_stand_in_moves_every_angle_and_lowers_its
         s_i = [name for name, _ in llama.SITES].index(slot)
         _, theta0, _ = bq.Transform(T.n, lc.init, torch.Generator().manual_seed(4 * l + s_i)).export()
         assert (T.export()[1] - theta0).abs().min() > 0, (l, slot)
+
+
+@needs_shared
+def test_gptaq_stand_in_statistics_match_a_dense_float64_model():
+    """gptaq_site_stats (hooks on the online T of the straight-through model, its (out, in) weight calls skipped)
+    against a plain float64 forward pass of the dense model whose linears hold the stand-in's effective weights
+    Q(W T^T) T, hooked at the linears' inputs: H~ = X~ X~^T / N and D = (X - X~) X~^T / N with X the unquantized
+    model's. stories260K, random angles at every site, min-max RTN at 3 bits."""
+    model, ref = llama.load(STORIES)[0].double(), llama.load(STORIES)[0].double()
+    dense = copy.deepcopy(model)
+    g, qc = torch.Generator().manual_seed(0), bq.QuantConfig(3, 32, gptq=False)
+    samples = torch.randint(1, 512, (3, 48), generator=g)
+    swaps, sites = [], []
+    for l, block in enumerate(model.layers):
+        for slot, linears in llama.SITES:
+            n = block.get_submodule(linears[0]).in_features
+            T = bq.Transform(n, "random", g, dtype=torch.float64)
+            swaps.append((f"layers.{l}.{slot}", T, block.get_submodule(slot)))
+            fakes = []
+            for name in linears:
+                W = block.get_submodule(name).weight.detach()
+                fakes.append(calibrate.FakeQuantLinear(W, T, qc))
+                swaps.append((f"layers.{l}.{name}", fakes[-1], block.get_submodule(name)))
+                with torch.no_grad():
+                    dense.layers[l].get_submodule(name).weight.copy_(bq.fake_quant_ste(T(W), qc) @ T.matrix())
+            sites.append((T, (l, slot), fakes))
+    with calibrate.swapped(model, swaps, False):
+        got = calibrate.gptaq_site_stats(model, ref, sites, samples, "cpu")
+    xs = {}
+    hooks = [m.layers[l].get_submodule(linears[0]).register_forward_pre_hook(
+        lambda mod, inp, key=(i, l, slot): xs.setdefault(key, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
+        for i, m in enumerate((ref, dense)) for l in range(len(m.layers)) for slot, linears in llama.SITES]
+    with torch.no_grad():
+        for i in range(len(samples)):
+            ref(samples[i:i + 1]), dense(samples[i:i + 1])
+    for h in hooks:
+        h.remove()
+    assert len(got) == 5 * 4
+    for (l, slot), (H, D) in got.items():
+        x, xq = torch.cat(xs[(0, l, slot)]), torch.cat(xs[(1, l, slot)])
+        assert torch.allclose(H, xq.T @ xq / len(x), rtol=1e-6, atol=1e-9), (l, slot)
+        assert torch.allclose(D, (x - xq).T @ xq / len(x), rtol=1e-6, atol=1e-9), (l, slot)
+        assert l == 0 and slot == "attention.rot_qkv" or D.abs().max() > 1e-3 * H.abs().max()   # the paths differ
 
 
 @needs_shared
@@ -2321,6 +2364,7 @@ BAD_INPUTS = {
         c, None, "--rotation", "hadamard", "--objective", "block", "--lwc")),
     "cal the default objective with sgd": ("--objective", lambda c, q: cal(c, None, "--optim", "sgd")),
     "cal gptq stand-in under rtn": ("stands in for GPTQ", lambda c, q: cal(c, None, "--rtn", "--kl_quantizer", "gptq")),
+    "cal gptaq stand-in without gptaq": ("give --gptaq", lambda c, q: cal(c, None, "--kl_quantizer", "gptaq")),
     "cal gptq stand-in without the kl objective": ("kl objective's only", lambda c, q: cal(
         c, None, "--objective", "layer", "--kl_quantizer", "gptq")),
     "cal clip-search stand-in with lwc": ("--lwc learns its own", lambda c, q: cal(
