@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -565,12 +566,16 @@ def kl_setup(model, ref, samples, seed, device):
     return kl, order, probe
 
 
-def descend_kl(kl, order, params, steps, lr, label, t0, refresh=None):
+def descend_kl(kl, order, params, steps, lr, label, t0, refresh=None, save=None, resume=None):
     """Adam, cosine-decayed, on kl(chunk), one chunk per step in `order` (cycled); refresh = (k, fn): fn() before
-    every k-th step after the first."""
+    every k-th step after the first; save = (k, fn): fn(step, opt, sched) after every k-th step before the last;
+    resume: a saved step's dict(step, opt, sched), the descent going on from the step after it."""
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
-    for step in range(1, steps + 1):
+    if resume is not None:
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+    for step in range(1 if resume is None else resume["step"] + 1, steps + 1):
         if refresh and step > 1 and (step - 1) % refresh[0] == 0:
             refresh[1]()
         loss = kl(order[(step - 1) % len(order)])
@@ -579,6 +584,8 @@ def descend_kl(kl, order, params, steps, lr, label, t0, refresh=None):
         except bq.LearningError as e:
             raise bq.LearningError(f"{label}: {e}") from None
         evaluation.progress_line(f"{label}: step", step, steps, t0, f"KL {loss.item():.4f}", keep=False)
+        if save and step % save[0] == 0 and step < steps:
+            save[1](step, opt, sched)
 
 
 @contextlib.contextmanager
@@ -763,11 +770,13 @@ def check_kl_memory(model, device, hessians, feedback, stats=False):
                             f"{total / 2 ** 30:.1f} GiB: use --objective layer (one site at a time)")
 
 
-def learn_kl(model, ref, samples, cc, qc, lc):
+def learn_kl(model, ref, samples, cc, qc, lc, save=None, resume=None):
     """The kl objective on the unquantized `model` (left as it was): lc.steps Adam steps from lc.init, the angles
     at lc.lr (a learned butterfly; a fixed rotation stays fixed) and, with lc.lwc, every group's clip factors at
     lc.clip_lr, started from the clip search. Each site is seeded as the other objectives seed it. Never ends
-    worse than its start on the probe chunks.
+    worse than its start on the probe chunks. save(state) is given the whole state every lc.refresh steps (just
+    before a recomputation of the stand-in, which rebuilds everything else from it); resume: such a state, from
+    which the descent goes on exactly as it would have.
     Returns ({(layer, slot): Transform} learned, {(layer, linear): gamma}, dict(kl_before, kl_after, seconds))."""
     t0, dev = time.time(), cc.device
     kl, order, probe = kl_setup(model, ref, samples, cc.seed, dev)
@@ -822,14 +831,42 @@ def learn_kl(model, ref, samples, cc, qc, lc):
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
     every = (lc.refresh, refresh) if lc.kl_quantizer != "rtn" else None
+    fakes = [f for _, _, fs in sites for f in fs]
+
+    def state(step, opt, sched):    # the gptaq stand-in's targets depend on its history: kept; the rest is rebuilt
+        return dict(step=step, opt=opt.state_dict(), sched=sched.state_dict(), before=before, start=start,
+                    transforms=[T.state_dict() for T in transforms.values()], gammas=[g.detach() for g in gammas.values()],
+                    targets=[f.target for f in fakes] if lc.kl_quantizer == "gptaq" else [])
     with swapped(model, swaps, str(dev).startswith("cuda")):
-        if every:
-            refresh()
-        before = probe()
-        if not math.isfinite(before):
-            raise UserError(NON_FINITE)
-        start = [copy.deepcopy(T.state_dict()) for T in transforms.values()], [g.detach().clone() for g in gammas.values()]
-        descend_kl(kl, order, [g for g in groups if g["params"]], lc.steps, lc.lr, "kl objective", t0, every)
+        if resume is None:
+            if every:
+                refresh()
+            before = probe()
+            if not math.isfinite(before):
+                raise UserError(NON_FINITE)
+            start = [copy.deepcopy(T.state_dict()) for T in transforms.values()], [g.detach().clone() for g in gammas.values()]
+        else:       # ValueError: a saved state this run cannot go on from
+            want = dict(transforms=len(transforms), gammas=len(gammas), targets=len(fakes) if lc.kl_quantizer == "gptaq" else 0)
+            try:
+                before, start = float(resume["before"]), resume["start"]
+                got = {k: len(resume[k]) for k in want}
+                if got != want or (len(start[0]), len(start[1])) != (want["transforms"], want["gammas"]) \
+                        or not 0 < resume["step"] < lc.steps:
+                    raise ValueError(f"{got} after step {resume['step']}, want {want} before step {lc.steps}")
+                with torch.no_grad():
+                    for T, st in zip(transforms.values(), resume["transforms"]):
+                        T.load_state_dict(st)
+                    for g, v in zip(gammas.values(), resume["gammas"]):
+                        g.copy_(v)
+                    for f, t in zip(fakes, resume["targets"]):
+                        if t.shape != f.weight.shape:
+                            raise ValueError(f"a target of shape {tuple(t.shape)}, want {tuple(f.weight.shape)}")
+                        f.target = t.to(dev)
+            except (KeyError, TypeError, IndexError, RuntimeError) as e:
+                raise ValueError(f"{type(e).__name__}: {e}") from None
+            print(f"kl objective: resuming after step {resume['step']} of {lc.steps}", file=sys.stderr)
+        descend_kl(kl, order, [g for g in groups if g["params"]], lc.steps, lc.lr, "kl objective", t0, every,
+                   save and (lc.refresh, lambda step, opt, sched: save(state(step, opt, sched))), resume)
         if every:
             refresh()
         after = probe()
@@ -850,8 +887,9 @@ def learn_kl(model, ref, samples, cc, qc, lc):
 
 
 def kl_learned(model, samples, cc, qc, lc, partial, sett):
-    """learn_kl, kept in OUT.partial/kl_transforms.safetensors: a resumed run reads them back."""
-    path = os.path.join(partial, "kl_transforms.safetensors")
+    """learn_kl, kept in OUT.partial/kl_transforms.safetensors: a resumed run reads them back. While it learns,
+    its state every lc.refresh steps is kept in OUT.partial/kl_state.pt: a run killed then goes on from there."""
+    path, state_path = os.path.join(partial, "kl_transforms.safetensors"), os.path.join(partial, "kl_state.pt")
     linears = [(l, name) for l in range(len(model.layers)) for _, names in SITES for name in names]
     if os.path.isfile(path):
         header, tensors = llama.read_safetensors(path)
@@ -867,11 +905,35 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
             return transforms, gammas, header["kl"]
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise UserError(f"{path}: {e}; delete {partial} to start over") from None
+    resume = None
+    if os.path.isfile(state_path):
+        try:
+            resume = torch.load(state_path, map_location="cpu", weights_only=True)
+            saved = [v for st in resume["transforms"] for v in st.values()] + resume["gammas"] + resume["targets"]
+            llama.check_finite({f"{i}": t for i, t in enumerate(saved)}, state_path)
+        except (EOFError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, pickle.UnpicklingError) as e:
+            raise UserError(f"{state_path}: not a kl objective's saved state ({type(e).__name__}); delete {partial} "
+                            f"to start over") from None
+
+    def save(state):
+        start_partial(partial, sett)
+        tmp = f"{state_path}.{os.getpid()}.tmp"
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, state_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     ref = llama.load(cc.ckpt)[0]
     try:
-        transforms, gammas, res = learn_kl(model, ref, samples, cc, qc, lc)
+        transforms, gammas, res = learn_kl(model, ref, samples, cc, qc, lc, save, resume)
     except bq.LearningError as e:
         raise UserError(f"{e}: lower --lr" + (" or --clip_lr" if lc.lwc else "")) from None
+    except ValueError as e:
+        if resume is None:
+            raise
+        raise UserError(f"{state_path}: a saved state that does not fit this run ({e}); delete {partial} to start "
+                        f"over") from None
     tensors, entries = {f"layers.{l}.{name}.gamma": g.cpu() for (l, name), g in gammas.items()}, {}
     for (l, slot), T in transforms.items():
         entries[f"layers.{l}.{slot}"], tensors[f"layers.{l}.{slot}.theta"], Q = T.export()
@@ -879,6 +941,8 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
             tensors[f"layers.{l}.{slot}.Q"] = Q
     start_partial(partial, sett)
     llama.write_safetensors(path, tensors, dict(transforms=entries, kl=res))
+    if os.path.exists(state_path):
+        os.remove(state_path)
     return transforms, gammas, res
 
 

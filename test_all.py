@@ -1134,6 +1134,56 @@ def test_killed_kl_objective_run_resumes_with_its_learned_transforms(tmp_path, m
             assert torch.allclose(a[f"layers.{l}.attention.wv.scales"].float(), s, rtol=2e-3)     # fp16 and T's rounding
 
 
+@needs_shared
+@pytest.mark.parametrize("stand_in", [("--lwc",), ("--gptaq", "0.25", "--kl_quantizer", "gptaq")])
+def test_kl_objective_killed_mid_descent_goes_on_from_its_last_saved_step(tmp_path, monkeypatch, stand_in):
+    """Every --refresh steps the kl objective keeps its whole state in OUT.partial/kl_state.pt (angles, clip factors,
+    Adam's moments, the schedule, the gptaq stand-in's targets): a run killed at step 6 of 8 goes on from step 5,
+    taking 4 steps fewer, and writes the file an uninterrupted run writes, bit for bit. A damaged state is refused
+    with one line."""
+    out, argv = tiny_calibrate(tmp_path, "--objective", "kl", "--steps", "8", "--refresh", "2", *stand_in)
+    clean = str(tmp_path / "clean.safetensors")
+    calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
+    real, steps, dies = bq.descend, [], [True]
+
+    def dies_at_step_6(opt, sched, loss, step):
+        steps.append(step)
+        if step == 6 and dies[0]:
+            raise KeyboardInterrupt
+        return real(opt, sched, loss, step)
+    with monkeypatch.context() as m:
+        m.setattr(bq, "descend", dies_at_step_6)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate.main(argv)
+        assert sorted(os.listdir(out + ".partial")) == ["kl_state.pt", "settings.json"]
+        state = torch.load(os.path.join(out + ".partial", "kl_state.pt"), weights_only=True)
+        assert state["step"] == 4 and len(state["targets"]) == (35 if "gptaq" in stand_in else 0)
+        steps.clear()
+        dies[0] = False
+        calibrate.main(argv)
+    assert steps == [5, 6, 7, 8]
+    a, b = load_file(out), load_file(clean)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(out + ".partial")
+
+    os.remove(out)
+    dies[0] = True
+    with monkeypatch.context() as m:
+        m.setattr(bq, "descend", dies_at_step_6)
+        with pytest.raises(KeyboardInterrupt):
+            calibrate.main(argv)
+    state_path = os.path.join(out + ".partial", "kl_state.pt")
+    state = torch.load(state_path, weights_only=True)
+    state["transforms"] = state["transforms"][:-1]
+    torch.save(state, state_path)
+    with pytest.raises(llama.UserError, match="kl_state.pt: a saved state that does not fit"):
+        calibrate.main(argv)
+    with open(state_path, "wb") as f:
+        f.write(b"not a state")
+    with pytest.raises(llama.UserError, match=r"kl_state.pt: not a kl objective's saved state \(UnpicklingError\); delete \S+ to start over$"):
+        calibrate.main(argv)
+
+
 def test_scales_of_frozen_codes_get_finite_difference_gradients():
     """codes_linear rebuilds W in its backward pass; its gradients for x and the scales must be autograd's of the
     dense product, including a short last group (n = 100, group 64) and one group per row."""
