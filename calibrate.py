@@ -920,7 +920,7 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
         tmp = f"{state_path}.{os.getpid()}.tmp"
         try:
             torch.save(state, tmp)
-            os.replace(tmp, state_path)
+            llama.publish(tmp, state_path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -118,7 +118,7 @@ def find_dataset(name, use, hub=None):
                 f.writelines(json.dumps(dict(text=t)) + "\n" for t in rows)
             else:
                 f.write("\n\n".join(rows))
-        os.replace(tmp, out)
+        llama.publish(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

