@@ -928,7 +928,8 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
     try:
         transforms, gammas, res = learn_kl(model, ref, samples, cc, qc, lc, save, resume)
     except bq.LearningError as e:
-        raise UserError(f"{e}: lower --lr" + (" or --clip_lr" if lc.lwc else "")) from None
+        saved = f" and delete {partial} (its saved state was learned at this rate)" if os.path.isfile(state_path) else ""
+        raise UserError(f"{e}: lower --lr" + (" or --clip_lr" if lc.lwc else "") + saved) from None
     except ValueError as e:
         if resume is None:
             raise

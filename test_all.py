@@ -1140,7 +1140,7 @@ def test_kl_objective_killed_mid_descent_goes_on_from_its_last_saved_step(tmp_pa
     """Every --refresh steps the kl objective keeps its whole state in OUT.partial/kl_state.pt (angles, clip factors,
     Adam's moments, the schedule, the gptaq stand-in's targets): a run killed at step 6 of 8 goes on from step 5,
     taking 4 steps fewer, and writes the file an uninterrupted run writes, bit for bit. A damaged state is refused
-    with one line."""
+    with one line; a NaN loss after a state was saved says to delete it (it was learned at the failing rate)."""
     out, argv = tiny_calibrate(tmp_path, "--objective", "kl", "--steps", "8", "--refresh", "2", *stand_in)
     clean = str(tmp_path / "clean.safetensors")
     calibrate.main(argv[:argv.index("--out") + 1] + [clean] + argv[argv.index("--out") + 2:])
@@ -1182,6 +1182,18 @@ def test_kl_objective_killed_mid_descent_goes_on_from_its_last_saved_step(tmp_pa
         f.write(b"not a state")
     with pytest.raises(llama.UserError, match=r"kl_state.pt: not a kl objective's saved state \(UnpicklingError\); delete \S+ to start over$"):
         calibrate.main(argv)
+
+    shutil.rmtree(out + ".partial")     # a NaN before the first saved state leaves nothing; after it, says to delete it
+    for at, leftover in ((2, False), (6, True)):
+        def nan_at(opt, sched, loss, step):
+            if step == at:
+                raise bq.LearningError(f"NaN/inf loss at step {step}")
+            return real(opt, sched, loss, step)
+        with monkeypatch.context() as m:
+            m.setattr(bq, "descend", nan_at)
+            with pytest.raises(llama.UserError, match="lower --lr") as e:
+                calibrate.main(argv)
+        assert os.path.isdir(out + ".partial") == leftover and ("delete" in str(e.value)) == leftover
 
 
 def test_scales_of_frozen_codes_get_finite_difference_gradients():
