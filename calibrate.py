@@ -917,13 +917,7 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
 
     def save(state):
         start_partial(partial, sett)
-        tmp = f"{state_path}.{os.getpid()}.tmp"
-        try:
-            torch.save(state, tmp)
-            llama.publish(tmp, state_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        llama.write_atomic(state_path, lambda tmp: torch.save(state, tmp))
     ref = llama.load(cc.ckpt)[0]
     try:
         transforms, gammas, res = learn_kl(model, ref, samples, cc, qc, lc, save, resume)

@@ -822,17 +822,21 @@ def publish(tmp, path):
     os.replace(tmp, path)
 
 
-def write_safetensors(path, tensors, header):
-    """Atomic: a temporary file beside `path`, renamed over it once complete."""
-    from safetensors.torch import save_file
+def write_atomic(path, write):
+    """write(tmp) into a temporary file beside `path`, renamed over it once complete: never a half-written `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        save_file(tensors, tmp, metadata={"butterflyquant": json.dumps(header)})
+        write(tmp)
         publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_safetensors(path, tensors, header):
+    from safetensors.torch import save_file
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"butterflyquant": json.dumps(header)}))
 
 
 def read_safetensors(path, tensors=True):
