@@ -658,7 +658,7 @@ def finetune(model, ref, samples, steps, lr, seed, device):
 # under GPTQ), Q(W') = W' - (W' - RTN(W')) F(T_s H_s T_s^T): GPTQ's error model, H_s from the unquantized model's
 # inputs at site s; with kl_quantizer gptaq (for --gptaq) the same on gptaq's target W* = W + alpha W D_s H~_s^-1
 # (bq.gptaq_target, H~_s and D_s from the straight-through model's inputs at site s against the unquantized
-# model's, recomputed with F). SpinQuant learns its rotations this way (then quantizes
+# model's, site after site as the file's GPTQ finds them, recomputed with F). SpinQuant learns its rotations this way (then quantizes
 # with GPTQ), OSTQuant with KL as here. The transforms are then fixed, and the block loop quantizes Q(W T^T) with
 # the final quantizer (GPTQ on T H T^T, or RTN).
 
@@ -709,40 +709,32 @@ def site_hessians(model, samples, device):
 
 
 @torch.no_grad()
-def gptaq_site_stats(model, ref, sites, samples, device):
-    """kl_quantizer gptaq: at every site (T, key, _) of the straight-through `model`, H~ = X~ X~^T / N and
-    D = (X - X~) X~^T / N (summed in float64), X~ the site's inputs in `model` as it now is and X the unquantized `ref`'s,
-    both before T: the statistics sequential_stats gives the file's GPTQ under --gptaq, from the whole
-    quantized model instead of the blocks quantized so far. One sample at a time: {key: (H~, D)}."""
-    acc, xs, hooks = {}, {}, []
-
-    def keep(key):
-        def hook(mod, inp):
-            xs[key] = inp[0].reshape(-1, inp[0].shape[-1])                              # (tokens, n)
-        return hook
-
-    def add(key):
-        def hook(mod, inp):
-            if inp[0].dim() != 3:       # FakeQuantLinear also calls T on its (out, in) weight; activations: (B, T, n)
-                return
-            x, xr = inp[0].reshape(-1, inp[0].shape[-1]), xs.pop(key)                   # (tokens, n)
-            H, D = acc.get(key, (0, 0))
-            acc[key] = (H + (x.T @ x).double(), D + ((xr - x).T @ x).double())         # summed as sequential_stats does
-        return hook
-    for T, (l, slot), _ in sites:
-        hooks += [ref.layers[l].get_submodule(slot).register_forward_pre_hook(keep((l, slot))),
-                  T.register_forward_pre_hook(add((l, slot)))]
-    try:
-        for i in range(len(samples)):
-            x = samples[i:i + 1].to(device)
-            ref(x)
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    if not all(torch.isfinite(H).all() and torch.isfinite(D).all() for H, D in acc.values()):
-        raise UserError(NON_FINITE)
-    return {k: (H / samples.numel(), D / samples.numel()) for k, (H, D) in acc.items()}
+def gptaq_targets(model, ref, sites, samples, alpha, qc, device):
+    """kl_quantizer gptaq: every stand-in's target W* = bq.gptaq_target(W, H~, D, alpha), found as the file's GPTQ
+    under --gptaq finds it: block by block and site by site (true-sequential), H~ = X~ X~^T / N and
+    D = (X - X~) X~^T / N (float64) from the straight-through `model`'s inputs X~ at the site, every site before it
+    already on its new target, against the unquantized `ref`'s X, both before T. Targets fitted to one pass of the
+    whole straight-through model at once would each undo an upstream error that the upstream sites are undoing
+    too: the stand-in would overshoot (README). sites: [(T, (layer, slot), [FakeQuantLinear])], in model order."""
+    n_tok = samples.numel()
+    x = [model.tok_embeddings(samples[i:i + 1].to(device)) for i in range(len(samples))]    # (1, T, dim) each
+    xr = [ref.tok_embeddings(samples[i:i + 1].to(device)) for i in range(len(samples))]
+    cos, sin = model.rope(0, samples.shape[1], device)
+    for l, (block, rblock) in enumerate(zip(model.layers, ref.layers)):
+        inner = block.block if isinstance(block, Checkpointed) else block
+        for T, (_, slot), fakes in [s for s in sites if s[1][0] == l]:
+            H, D = 0, 0
+            for xi, xri in zip(x, xr):       # the slot's T sees x before the site's linears run T on their weights
+                xq = site_input(inner, slot, xi, cos, sin)                                  # (tokens, n)
+                xu = site_input(rblock, slot, xri, cos, sin)
+                H, D = H + (xq.T @ xq).double(), D + ((xu - xq).T @ xq).double()
+            if not (torch.isfinite(H).all() and torch.isfinite(D).all()):
+                raise UserError(NON_FINITE)
+            for f in fakes:
+                f.target = bq.gptaq_target(f.weight, H / n_tok, D / n_tok, alpha)
+                f.grid = bq.clip_logits(T(f.target), qc)
+        x = [block(xi, cos, sin) for xi in x]
+        xr = [rblock(xri, cos, sin) for xri in xr]
 
 
 def check_kl_memory(model, device, hessians, feedback, stats=False):
@@ -750,17 +742,17 @@ def check_kl_memory(model, device, hessians, feedback, stats=False):
     the model in fp32 and the reference in its own dtype, plus with the GPTQ stand-in (`feedback`) F at every site,
     sum(n^2) floats; with H at every site (`hessians`: the gptq and rtnh stand-ins) H waits in host memory, and
     before learning is summed in float64 on the device beside the model alone (LLaMA-2-7B: 27 + 13 + 22 GB
-    learning with F, 27 + 44 GB summing; 22 GB of H in host memory). The gptaq stand-in (`stats`) adds H~ and D at
-    every site in float64 and W* at every linear, beside everything else (LLaMA-2-7B: another 88 + 27 GB)."""
+    learning with F, 27 + 44 GB summing; 22 GB of H in host memory). The gptaq stand-in (`stats`) adds W* at every
+    linear and H~ and D in float64 at one site at a time, beside everything else (LLaMA-2-7B: another 27 + 2 GB)."""
     params = list(model.parameters())
     P, ref_bytes = sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
     n = [model.layers[0].get_submodule(names[0]).in_features for _, names in SITES]
     sites = len(model.layers) * sum(k * k for k in n) * 4 if hessians else 0      # bytes of F (or of H) in fp32
     if hessians:
         llama.check_memory(sites, "the kl objective's stand-in (H at every site, in host memory)")
-    extra = 4 * sites + 4 * P if stats else 0
+    extra = 4 * P + 16 * max(n) ** 2 if stats else 0
     if stats and not str(device).startswith("cuda"):
-        llama.check_memory(extra, "the gptaq stand-in (H~ and D at every site in float64, W* at every linear)")
+        llama.check_memory(extra, "the gptaq stand-in (W* at every linear, H~ and D at a site in float64)")
     if str(device).startswith("cuda"):
         need = 4 * P + max(ref_bytes + (sites if feedback else 0) + extra, 2 * sites)
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
@@ -821,22 +813,15 @@ def learn_kl(model, ref, samples, cc, qc, lc, save=None, resume=None):
                 W = f.weight if f.target is None else f.target
                 if f.gamma is None:
                     f.grid = bq.clip_logits(T(W), qc) if feedback is not None else bq.clip_grid(T(W), qc, Hr)
-        if lc.kl_quantizer == "gptaq":      # the target of the model as it now is (the previous target's, at first W's)
-            stats = gptaq_site_stats(model, ref, sites, samples[:GPTAQ_SAMPLES], dev)
-            for T, key, fakes in sites:
-                H, D = stats.pop(key)
-                for f in fakes:
-                    f.target = bq.gptaq_target(f.weight, H, D, cc.gptaq)
-                    f.grid = bq.clip_logits(T(f.target), qc)
+        if lc.kl_quantizer == "gptaq":      # the targets the file's GPTQ would fit with the transforms as they now are
+            gptaq_targets(model, ref, sites, samples[:GPTAQ_SAMPLES], cc.gptaq, qc, dev)
     groups = [dict(params=[p for T in transforms.values() for p in T.parameters()], lr=lc.lr),
               dict(params=list(gammas.values()), lr=lc.clip_lr)]
     every = (lc.refresh, refresh) if lc.kl_quantizer != "rtn" else None
-    fakes = [f for _, _, fs in sites for f in fs]
 
-    def state(step, opt, sched):    # the gptaq stand-in's targets depend on its history: kept; the rest is rebuilt
+    def state(step, opt, sched):    # the stand-in (F, grids, gptaq's targets) is rebuilt from it by the next refresh
         return dict(step=step, opt=opt.state_dict(), sched=sched.state_dict(), before=before, start=start,
-                    transforms=[T.state_dict() for T in transforms.values()], gammas=[g.detach() for g in gammas.values()],
-                    targets=[f.target for f in fakes] if lc.kl_quantizer == "gptaq" else [])
+                    transforms=[T.state_dict() for T in transforms.values()], gammas=[g.detach() for g in gammas.values()])
     with swapped(model, swaps, str(dev).startswith("cuda")):
         if resume is None:
             if every:
@@ -846,7 +831,7 @@ def learn_kl(model, ref, samples, cc, qc, lc, save=None, resume=None):
                 raise UserError(NON_FINITE)
             start = [copy.deepcopy(T.state_dict()) for T in transforms.values()], [g.detach().clone() for g in gammas.values()]
         else:       # ValueError: a saved state this run cannot go on from
-            want = dict(transforms=len(transforms), gammas=len(gammas), targets=len(fakes) if lc.kl_quantizer == "gptaq" else 0)
+            want = dict(transforms=len(transforms), gammas=len(gammas))
             try:
                 before, start = float(resume["before"]), resume["start"]
                 got = {k: len(resume[k]) for k in want}
@@ -858,10 +843,6 @@ def learn_kl(model, ref, samples, cc, qc, lc, save=None, resume=None):
                         T.load_state_dict(st)
                     for g, v in zip(gammas.values(), resume["gammas"]):
                         g.copy_(v)
-                    for f, t in zip(fakes, resume["targets"]):
-                        if t.shape != f.weight.shape:
-                            raise ValueError(f"a target of shape {tuple(t.shape)}, want {tuple(f.weight.shape)}")
-                        f.target = t.to(dev)
             except (KeyError, TypeError, IndexError, RuntimeError) as e:
                 raise ValueError(f"{type(e).__name__}: {e}") from None
             print(f"kl objective: resuming after step {resume['step']} of {lc.steps}", file=sys.stderr)
@@ -871,8 +852,8 @@ def learn_kl(model, ref, samples, cc, qc, lc, save=None, resume=None):
             refresh()
         after = probe()
         if not after <= before:
-            for T, state in zip(transforms.values(), start[0]):
-                T.load_state_dict(state)
+            for T, st in zip(transforms.values(), start[0]):
+                T.load_state_dict(st)
             for g, g0 in zip(gammas.values(), start[1]):
                 g.data.copy_(g0)
             after = before
@@ -909,7 +890,7 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
     if os.path.isfile(state_path):
         try:
             resume = torch.load(state_path, map_location="cpu", weights_only=True)
-            saved = [v for st in resume["transforms"] for v in st.values()] + resume["gammas"] + resume["targets"]
+            saved = [v for st in resume["transforms"] for v in st.values()] + resume["gammas"]
             llama.check_finite({f"{i}": t for i, t in enumerate(saved)}, state_path)
         except (EOFError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, pickle.UnpicklingError) as e:
             raise UserError(f"{state_path}: not a kl objective's saved state ({type(e).__name__}); delete {partial} "
