@@ -213,6 +213,22 @@ def site_input(block, name, x, cos, sin, weights=None):
     return got[0].reshape(-1, got[0].shape[-1])
 
 
+@torch.no_grad()
+def block_with_inputs(block, names, x, cos, sin):
+    """block(x) (B, T, dim) and {name: the input (tokens, n) of module `name`} on the way: every site's input in
+    the one pass that gives the block's output, where site_input would run the block up to each site again."""
+    got, hooks = {}, []
+    for name in names:
+        hooks.append(block.get_submodule(name).register_forward_pre_hook(
+            lambda mod, inp, name=name: got.setdefault(name, inp[0].reshape(-1, inp[0].shape[-1]))))
+    try:
+        y = block(x, cos, sin)
+    finally:
+        for h in hooks:
+            h.remove()
+    return y, got
+
+
 def sequential_stats(block, fp_weights, name, X, Xr, cos, sin, cc):
     """--gptaq: H = X~ X~^T / N and D = (X - X~) X~^T / N (float64) at the input of linear `name`; X~ from the
     block as it now is (its earlier sites quantized) on the quantized path's inputs X, X from the unquantized
@@ -722,19 +738,20 @@ def gptaq_targets(model, ref, sites, samples, alpha, qc, device):
     cos, sin = model.rope(0, samples.shape[1], device)
     for l, (block, rblock) in enumerate(zip(model.layers, ref.layers)):
         inner = block.block if isinstance(block, Checkpointed) else block
-        for T, (_, slot), fakes in [s for s in sites if s[1][0] == l]:
+        here = [s for s in sites if s[1][0] == l]
+        ref_out = [block_with_inputs(rblock, [slot for _, (_, slot), _ in here], xri, cos, sin) for xri in xr]
+        for T, (_, slot), fakes in here:
             H, D = 0, 0
-            for xi, xri in zip(x, xr):       # the slot's T sees x before the site's linears run T on their weights
+            for xi, (_, xu) in zip(x, ref_out):  # the slot's T sees x before the site's linears run T on their weights
                 xq = site_input(inner, slot, xi, cos, sin)                                  # (tokens, n)
-                xu = site_input(rblock, slot, xri, cos, sin)
-                H, D = H + (xq.T @ xq).double(), D + ((xu - xq).T @ xq).double()
+                H, D = H + (xq.T @ xq).double(), D + ((xu[slot] - xq).T @ xq).double()
             if not (torch.isfinite(H).all() and torch.isfinite(D).all()):
                 raise UserError(NON_FINITE)
             for f in fakes:
                 f.target = bq.gptaq_target(f.weight, H / n_tok, D / n_tok, alpha)
                 f.grid = bq.clip_logits(T(f.target), qc)
         x = [block(xi, cos, sin) for xi in x]
-        xr = [rblock(xri, cos, sin) for xri in xr]
+        xr = [y for y, _ in ref_out]
 
 
 def check_kl_memory(model, device, hessians, feedback, stats=False):
