@@ -69,12 +69,14 @@ class CalibConfig:
     finetune: int = 0                   # steps of the end-to-end pass after the last block (0: none)
     finetune_lr: Optional[float] = None  # its Adam learning rate (cosine-decayed); None: finetune_lr(bits)
     gptaq: float = 0.0                  # GPTQ's target moved toward the unquantized outputs (bq.gptaq_target); 0: off
+    finetune_transforms: bool = False   # the pass learns the learned transforms too, not only the scales
 
 
 def settings(cc, qc, lc):
     """Everything that determines the result: the resume check and the file header (gptaq only when used, so
     that files made before it existed keep their settings)."""
-    d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device") and (k != "gptaq" or v)}
+    d = {k: v for k, v in asdict(cc).items()
+         if k not in ("batch_size", "device") and (k not in ("gptaq", "finetune_transforms") or v)}
     return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" or lc.lwc else None)
 
 
@@ -413,7 +415,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if os.path.isdir(partial):
         sj = os.path.join(partial, "settings.json")
         old = llama.read_json(sj) if os.path.isfile(sj) else None
-        blocks_only = lambda d: {k: v for k, v in d.items() if k not in ("finetune", "finetune_lr")}  # noqa: E731
+        blocks_only = lambda d: {k: v for k, v in d.items() if k not in ("finetune", "finetune_lr",
+                                                                               "finetune_transforms")}  # noqa: E731
         if not isinstance(old, dict) or blocks_only(old) != blocks_only(sett):    # the pass runs after the blocks
             same = lambda d: {k: v for k, v in blocks_only(d).items() if k not in FINGERPRINTS}   # noqa: E731
             what = "with other settings" if not isinstance(old, dict) or same(old) != same(sett) else \
@@ -488,7 +491,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if cc.finetune:
         ref = llama.load(cc.ckpt)[0]
         try:
-            ft = finetune(model, ref, samples, cc.finetune, cc.finetune_lr, cc.seed, dev)
+            ft = finetune(model, ref, samples, cc.finetune, cc.finetune_lr, cc.seed, dev, cc.finetune_transforms)
         except bq.LearningError as e:
             raise UserError(f"{e}: lower --finetune_lr and rerun (the blocks in {partial} are kept)") from None
         del ref
@@ -623,11 +626,12 @@ def swapped(model, swaps, checkpoint):
             llama.swap_module(model, name, old)
 
 
-def finetune(model, ref, samples, steps, lr, seed, device):
-    """With every integer code frozen, learn every group's scale and every learned transform's angles and K x K
-    factor by Adam on KL(ref || model) of the next-token distribution over the calibration tokens (SpinQuant and
-    OSTQuant learn rotations end to end; EfficientQAT's last phase learns the scales). Fixed (dense) transforms
-    stay fixed. The quantized modules of `model` are updated in place; a NaN stops with nothing changed.
+def finetune(model, ref, samples, steps, lr, seed, device, transforms=False):
+    """With every integer code frozen, learn every group's scale by Adam on KL(ref || model) of the next-token
+    distribution over the calibration tokens (EfficientQAT's last phase learns the scales); with `transforms`, every
+    learned transform's angles and K x K factor too, at the same rate (SpinQuant and OSTQuant learn rotations end to
+    end; here that costs perplexity: README). Fixed (dense) transforms stay fixed. The quantized modules of `model`
+    are updated in place; a NaN stops with nothing changed.
     Returns the mean KL on the first four chunks it learns on, before and after, and the seconds it took."""
     t0 = time.time()
     kl, order, probe = kl_setup(model, ref, samples, seed, device)
@@ -636,7 +640,7 @@ def finetune(model, ref, samples, steps, lr, seed, device):
     for name, mod in list(model.named_modules()):
         if isinstance(mod, llama.QuantLinear):
             swaps.append((name, ScaledCodes(mod), mod))
-        elif isinstance(mod, llama.OnlineTransform) and not mod.dense:
+        elif transforms and isinstance(mod, llama.OnlineTransform) and not mod.dense:
             swaps.append((name, bq.Transform.from_export(mod.entry, mod.theta, mod.Q if mod.K > 1 else None)
                           .to(device), mod))
     with swapped(model, swaps, str(device).startswith("cuda")):
@@ -941,6 +945,13 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
     return transforms, gammas, res
 
 
+def pass_settings(cc, bits):
+    """What the end-to-end pass adds to a file's settings (finetune_transforms only when used, so that files made
+    before it existed keep their settings)."""
+    return dict(finetune=cc.finetune, finetune_lr=cc.finetune_lr or finetune_lr(bits),
+                **({"finetune_transforms": True} if cc.finetune_transforms else {}))
+
+
 def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
     """The end-to-end pass on a finished calibrate.py file `src` (read, never written) -> `out`, on the same
     calibration tokens the file was made with. Returns the summary dict that calibrate() returns."""
@@ -967,15 +978,15 @@ def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
         raise UserError(f"{src} was calibrated on {source_made}; here the same settings find {source}")
     if sett.get("calib_fingerprint", tokens_fingerprint(samples)) != tokens_fingerprint(samples):
         raise UserError(f"{src} was calibrated on other tokens than {source} gives now (its text changed)")
-    lr = cc.finetune_lr or finetune_lr(bits)
-    if (res := kept(out, dict(sett, finetune=cc.finetune, finetune_lr=lr))) is not None:
+    if (res := kept(out, dict(sett, **pass_settings(cc, bits)))) is not None:
         return res
     try:
-        ft = finetune(model, fp, samples, cc.finetune, lr, made.seed, cc.device)
+        ft = finetune(model, fp, samples, cc.finetune, cc.finetune_lr or finetune_lr(bits), made.seed, cc.device,
+                      cc.finetune_transforms)
     except bq.LearningError as e:
         raise UserError(f"{e}: lower --finetune_lr") from None
     info = {k: v for k, v in header.items() if k not in ("format", "config", "tokenizer", "quant", "transforms")}
-    info.update(settings=dict(sett, finetune=cc.finetune, finetune_lr=lr), finetune=ft,
+    info.update(settings=dict(sett, **pass_settings(cc, bits)), finetune=ft,
                 calibration_seconds=round(header.get("calibration_seconds", 0.0) + ft["seconds"], 1))
     llama.save_quantized(out, model, tok, header["quant"], **info)
     print(f"wrote {out}", file=sys.stderr)
@@ -1144,7 +1155,7 @@ def expected_settings(cc, qc, lc, finetune_from=None):
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"{finetune_from}: its header lacks the calibration settings; not a calibrate.py file of "
                         f"this version") from None
-    return dict(src, finetune=cc.finetune, finetune_lr=cc.finetune_lr or finetune_lr(bits))
+    return dict(src, **pass_settings(cc, bits))
 
 
 def parse_args(argv=None):
@@ -1228,6 +1239,9 @@ def parse_args(argv=None):
                         % FINETUNE_TOKENS)
     p.add_argument("--finetune_lr", type=float, default=None,
                    help="the end-to-end pass's learning rate (default: 2e-3 at 2 bits, 2e-4 at 3 and more)")
+    p.add_argument("--finetune_transforms", action="store_true",
+                   help="the end-to-end pass learns every learned transform's angles and K x K factor too, at its "
+                        "rate (default: the scales only; learning the angles there cost perplexity, README)")
     p.add_argument("--finetune_from", default=None,
                    help="run only the end-to-end pass, on this calibrate.py file of --ckpt (read, never written), "
                         "on the calibration tokens it was made with; writes --out")
@@ -1259,13 +1273,15 @@ def parse_args(argv=None):
     nsamples = a.nsamples if a.nsamples is not None else (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
     seqlen = a.seqlen if a.seqlen is not None else (DATA_FREE_CPU[1] if data_free_cpu else 2048)
     cc = CalibConfig(a.ckpt, a.rotation, a.calib, nsamples, seqlen, a.seed, a.unif_tokens, a.batch_size, a.device,
-                     a.finetune, a.finetune_lr, a.gptaq)
+                     a.finetune, a.finetune_lr, a.gptaq, a.finetune_transforms)
     for name in ("nsamples", "seqlen", "batch_size", "unif_tokens"):
         if getattr(cc, name) < 1:
             raise UserError(f"--{name} must be positive")
     if cc.finetune < 0 or (cc.finetune_lr is not None and not 0 < cc.finetune_lr < 1) or \
             (a.finetune_from and cc.finetune < 1):
         raise UserError("--finetune must be >= 0 (>= 1 with --finetune_from) and --finetune_lr in (0, 1)")
+    if cc.finetune_transforms and not cc.finetune:
+        raise UserError("--finetune_transforms is a setting of the end-to-end pass: give --finetune STEPS")
     if not 0 <= cc.gptaq <= 1 or (cc.gptaq and (a.sweep or a.finetune_from)):
         raise UserError("--gptaq must be in [0, 1], and not with --sweep (its rows are the default GPTQ) or "
                         "--finetune_from (the file is already quantized)")

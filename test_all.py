@@ -1216,23 +1216,29 @@ def test_scales_of_frozen_codes_get_finite_difference_gradients():
 
 @needs_shared
 def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tmp_path):
-    """--finetune_from on a calibrated stories260K: the integer codes and zeros stay, the scales move, every learned
-    K x K factor stays orthogonal, the input file is untouched, and KL(fp || quantized) falls on held-out text."""
+    """--finetune_from on a calibrated stories260K: the integer codes and zeros stay, the scales move, the learned
+    transforms stay as they were (with --finetune_transforms they move, every K x K factor still orthogonal), the
+    input file is untouched, and KL(fp || quantized) falls on held-out text."""
     src, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
     calibrate.main(argv)
     before = hashlib.sha256(open(src, "rb").read()).hexdigest()
-    out = str(tmp_path / "ft.safetensors")
-    calibrate.main(["--ckpt", STORIES, "--finetune_from", src, "--finetune", "16", "--finetune_lr", "0.01",
-                    "--out", out, "--no_eval"])
+    out, out_t = str(tmp_path / "ft.safetensors"), str(tmp_path / "ft-t.safetensors")
+    for path, extra in ((out, []), (out_t, ["--finetune_transforms"])):
+        calibrate.main(["--ckpt", STORIES, "--finetune_from", src, "--finetune", "16", "--finetune_lr", "0.01",
+                        "--out", path, "--no_eval", *extra])
     assert hashlib.sha256(open(src, "rb").read()).hexdigest() == before
-    a, b = llama.read_safetensors(src)[1], llama.read_safetensors(out)[1]
-    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith((".qweight", ".zeros")))
+    a, b, c = (llama.read_safetensors(p)[1] for p in (src, out, out_t))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a if k.endswith((".qweight", ".zeros")))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith(".scales"))
-    for k in b:
+    learned = [k for k in a if k.endswith((".theta", ".Q"))]
+    assert learned and all(torch.equal(a[k], b[k]) for k in learned)
+    assert all(not torch.equal(a[k], c[k]) for k in learned if k.endswith(".theta"))
+    for k in learned:
         if k.endswith(".Q"):
-            assert torch.allclose(b[k] @ b[k].T, torch.eye(b[k].shape[0]), atol=1e-5), k
-    header = llama.read_safetensors(out)[0]
+            assert torch.allclose(c[k] @ c[k].T, torch.eye(c[k].shape[0]), atol=1e-5), k
+    header, header_t = llama.read_safetensors(out)[0], llama.read_safetensors(out_t)[0]
     assert header["settings"]["finetune"] == 16 and header["finetune"]["kl_after"] < header["finetune"]["kl_before"]
+    assert "finetune_transforms" not in header["settings"] and header_t["settings"]["finetune_transforms"] is True
     fp, tok = llama.load(STORIES)
     ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
     kl = [ev.compare(fp, llama.load(p)[0], ids, seqlen=128, limit=4)["kl"] for p in (src, out)]
@@ -2410,6 +2416,7 @@ BAD_INPUTS = {
     "cal resume after the calibration text changed": ("other calibration tokens", lambda c, q: changed_calib_resume(c)),
     "cal finetune_from after the calibration text changed": ("other tokens", lambda c, q: changed_calib_finetune(c)),
     "cal finetune_lr nan": ("finetune_lr", lambda c, q: cal(c, None, "--finetune", "2", "--finetune_lr", "nan")),
+    "cal finetune_transforms without a pass": ("give --finetune", lambda c, q: cal(c, None, "--finetune_transforms")),
     "cal finetune_from missing": ("no such file", lambda c, q: ft(c, c.p("nope.safetensors"))),
     "cal finetune_from is the out": ("overwrite the input", lambda c, q: ft(c, c.quantized(q), "--out", c.p("q.safetensors"))),
     "cal finetune_from of other weights": ("other weights", lambda c, q: ft(c, c.quantized(q), ckpt=c.tiny())),
