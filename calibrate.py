@@ -73,10 +73,11 @@ class CalibConfig:
 
 
 def settings(cc, qc, lc):
-    """Everything that determines the result: the resume check and the file header (gptaq only when used, so
-    that files made before it existed keep their settings)."""
-    d = {k: v for k, v in asdict(cc).items()
-         if k not in ("batch_size", "device") and (k not in ("gptaq", "finetune_transforms") or v)}
+    """Everything that determines the result: the resume check and the file header (gptaq only when used, and
+    finetune_transforms only with a pass, so that files made before they existed keep their settings; a pass made
+    before finetune_transforms existed learned the transforms, and no longer matches)."""
+    d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device") and (k != "gptaq" or v)
+         and (k != "finetune_transforms" or cc.finetune)}
     return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" or lc.lwc else None)
 
 
@@ -515,7 +516,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
 
 
 # -----------------------------------------------------------------------------
-# the end-to-end pass: scales and transforms against the unquantized model's next-token distribution
+# the end-to-end pass: the scales (optionally the transforms) against the unquantized model's next-token distribution
 
 FINETUNE_TOKENS = 1024      # tokens per step: the calibration samples are cut into chunks of this many
 GPTAQ_SAMPLES = 4           # calibration samples behind the gptaq stand-in's H~ and D at each refresh (a pass of both models each)
@@ -946,10 +947,9 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
 
 
 def pass_settings(cc, bits):
-    """What the end-to-end pass adds to a file's settings (finetune_transforms only when used, so that files made
-    before it existed keep their settings)."""
+    """What the end-to-end pass adds to a file's settings."""
     return dict(finetune=cc.finetune, finetune_lr=cc.finetune_lr or finetune_lr(bits),
-                **({"finetune_transforms": True} if cc.finetune_transforms else {}))
+                finetune_transforms=cc.finetune_transforms)
 
 
 def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
@@ -1062,6 +1062,9 @@ def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.
                 if was != v:
                     raise UserError(f"{path} line {i} ({r['tag']}) was made with {k} {was}, this run has {v}: one "
                                     f"file holds one grid; move {path} aside to start another")
+            if "-e2e-" in r["tag"] and r.get("finetune_transforms") is not False:
+                raise UserError(f"{path} line {i} ({r['tag']}) is a pass that learned the transforms too (made before "
+                                f"the pass learned the scales alone); move {path} aside to start another grid")
             if any(n not in r for n in names):
                 raise UserError(f"{path} line {i} ({r['tag']}) was not evaluated on "
                                 f"{next(n for n in names if n not in r)}; move {path} aside to start another grid")
@@ -1086,6 +1089,7 @@ def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.
                 if not os.path.isfile(src):
                     calibrate(crow, qrow, lrow, src)
                 made_as(src, settings(crow, qrow, lrow), f"row {tag} asks of its base")
+                r.update(finetune_transforms=False)
                 erow = replace(crow, finetune=SWEEP_FINETUNE, finetune_lr=crow.finetune_lr or finetune_lr(qrow.bits))
                 if os.path.isfile(out):
                     res = made_as(out, settings(erow, qrow, lrow), f"row {tag} asks")
@@ -1234,8 +1238,8 @@ def parse_args(argv=None):
     p.add_argument("--unif_tokens", type=int, default=256,
                    help="layer and gptq objectives: tokens per site kept for the regulariser")
     p.add_argument("--finetune", type=int, default=0,
-                   help="steps of the end-to-end pass after the last block: every group scale and learned transform "
-                        "by Adam on KL(unquantized || quantized) over the calibration tokens, %d per step (0: none)"
+                   help="steps of the end-to-end pass after the last block: every group scale by Adam on "
+                        "KL(unquantized || quantized) over the calibration tokens, %d per step (0: none)"
                         % FINETUNE_TOKENS)
     p.add_argument("--finetune_lr", type=float, default=None,
                    help="the end-to-end pass's learning rate (default: 2e-3 at 2 bits, 2e-4 at 3 and more)")
@@ -1309,7 +1313,8 @@ def parse_args(argv=None):
         given = [f"--{k}" for k in ("calib", "nsamples", "seqlen") if getattr(a, k) is not None]
         if given:
             raise UserError(f"--finetune_from uses the calibration tokens its file was made with: drop {', '.join(given)}")
-        a.out = a.out or a.finetune_from.removesuffix(".safetensors") + f"-e2e{cc.finetune}.safetensors"
+        a.out = a.out or a.finetune_from.removesuffix(".safetensors") + \
+            f"-e2e{cc.finetune}{'t' if cc.finetune_transforms else ''}.safetensors"
     if a.out is None:
         tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
             "" if lc.objective == "layer" else f"-{lc.objective}") + (
@@ -1320,7 +1325,8 @@ def parse_args(argv=None):
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"
                                     f"{'-gptaq' + str(cc.gptaq) if cc.gptaq else ''}"
-                                    f"{'-e2e' + str(cc.finetune) if cc.finetune else ''}.safetensors")
+                                    f"{'-e2e' + str(cc.finetune) if cc.finetune else ''}"
+                                    f"{'t' if cc.finetune_transforms else ''}.safetensors")
     inputs = [a.finetune_from, cc.ckpt, *calib_sources(cc.calib), os.path.join(SHARED_DATA, "wikitext103_valid.txt"),
               *(a.eval_data or [])]
     llama.check_output(a.out, inputs, suffix=".safetensors")

@@ -1238,7 +1238,7 @@ def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tm
             assert torch.allclose(c[k] @ c[k].T, torch.eye(c[k].shape[0]), atol=1e-5), k
     header, header_t = llama.read_safetensors(out)[0], llama.read_safetensors(out_t)[0]
     assert header["settings"]["finetune"] == 16 and header["finetune"]["kl_after"] < header["finetune"]["kl_before"]
-    assert "finetune_transforms" not in header["settings"] and header_t["settings"]["finetune_transforms"] is True
+    assert header["settings"]["finetune_transforms"] is False and header_t["settings"]["finetune_transforms"] is True
     fp, tok = llama.load(STORIES)
     ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
     kl = [ev.compare(fp, llama.load(p)[0], ids, seqlen=128, limit=4)["kl"] for p in (src, out)]
@@ -1371,6 +1371,17 @@ def test_sweep_end_to_end_row_refuses_a_base_file_made_with_other_settings(tmp_p
                                 "--eval_data", os.path.join(SHARED, "data", "wikitext2_test.txt")])
     assert open(base, "rb").read() == before
 
+
+
+def test_sweep_refuses_a_pass_row_made_when_the_pass_learned_the_transforms(tmp_path):
+    """A line of out/sweep.jsonl from an -e2e row made before the pass learned the scales alone is not averaged
+    with the rows made now."""
+    cc, path = calibrate.CalibConfig(), tmp_path / "sweep.jsonl"
+    row = dict(tag="w2g64-gptq-butterfly-klgptq-e2e-s0", ckpt=cc.ckpt, calib=cc.calib, nsamples=cc.nsamples,
+               seqlen=cc.seqlen, eval_limit=8)
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(llama.UserError, match="learned the transforms too"):
+        calibrate.sweep(cc, bq.QuantConfig(), [], [], 8, path=str(path))
 
 
 @needs_shared
