@@ -1439,6 +1439,8 @@ def test_default_output_name_never_replaces_a_file_made_with_other_settings(tmp_
     assert calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2"])[3]["out"] == ft["out"]
     with pytest.raises(llama.UserError, match=r"other settings \(finetune_lr\)"):
         calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_lr", "1e-5"])
+    assert calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_transforms"]
+                                )[3]["out"] == ft["out"].replace("-e2e2.", "-e2e2t.")          # its own file
     assert open(got["out"], "rb").read() == before
 
 
