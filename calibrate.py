@@ -342,6 +342,7 @@ def tokens_fingerprint(samples):
 
 
 FINGERPRINTS = ("ckpt_fingerprint", "calib_fingerprint")        # in the settings, beside what settings() records
+PASS_KEYS = ("finetune", "finetune_lr", "finetune_transforms")  # the pass's settings: the blocks never depend on them
 
 
 def kept(out, sett):
@@ -416,8 +417,7 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if os.path.isdir(partial):
         sj = os.path.join(partial, "settings.json")
         old = llama.read_json(sj) if os.path.isfile(sj) else None
-        blocks_only = lambda d: {k: v for k, v in d.items() if k not in ("finetune", "finetune_lr",
-                                                                               "finetune_transforms")}  # noqa: E731
+        blocks_only = lambda d: {k: v for k, v in d.items() if k not in PASS_KEYS}  # noqa: E731
         if not isinstance(old, dict) or blocks_only(old) != blocks_only(sett):    # the pass runs after the blocks
             same = lambda d: {k: v for k, v in blocks_only(d).items() if k not in FINGERPRINTS}   # noqa: E731
             what = "with other settings" if not isinstance(old, dict) or same(old) != same(sett) else \
@@ -947,7 +947,7 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
 
 
 def pass_settings(cc, bits):
-    """What the end-to-end pass adds to a file's settings."""
+    """What the end-to-end pass adds to a file's settings (PASS_KEYS)."""
     return dict(finetune=cc.finetune, finetune_lr=cc.finetune_lr or finetune_lr(bits),
                 finetune_transforms=cc.finetune_transforms)
 

@@ -1372,7 +1372,6 @@ def test_sweep_end_to_end_row_refuses_a_base_file_made_with_other_settings(tmp_p
     assert open(base, "rb").read() == before
 
 
-
 def test_sweep_refuses_a_pass_row_made_when_the_pass_learned_the_transforms(tmp_path):
     """A line of out/sweep.jsonl from an -e2e row made before the pass learned the scales alone is not averaged
     with the rows made now."""
