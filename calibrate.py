@@ -70,14 +70,15 @@ class CalibConfig:
     finetune_lr: Optional[float] = None  # its Adam learning rate (cosine-decayed); None: finetune_lr(bits)
     gptaq: float = 0.0                  # GPTQ's target moved toward the unquantized outputs (bq.gptaq_target); 0: off
     finetune_transforms: bool = False   # the pass learns the learned transforms too, not only the scales
+    finetune_codes: bool = False        # the pass moves the integer codes too (straight-through rounding)
 
 
 def settings(cc, qc, lc):
-    """Everything that determines the result: the resume check and the file header (gptaq only when used, and
-    finetune_transforms only with a pass, so that files made before they existed keep their settings; a pass made
-    before finetune_transforms existed learned the transforms, and no longer matches)."""
-    d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device") and (k != "gptaq" or v)
-         and (k != "finetune_transforms" or cc.finetune)}
+    """Everything that determines the result: the resume check and the file header (gptaq and finetune_codes only
+    when used, and finetune_transforms only with a pass, so that files made before they existed keep their settings;
+    a pass made before finetune_transforms existed learned the transforms, and no longer matches)."""
+    d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device")
+         and (k not in ("gptaq", "finetune_codes") or v) and (k != "finetune_transforms" or cc.finetune)}
     return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" or lc.lwc else None)
 
 
@@ -342,7 +343,7 @@ def tokens_fingerprint(samples):
 
 
 FINGERPRINTS = ("ckpt_fingerprint", "calib_fingerprint")        # in the settings, beside what settings() records
-PASS_KEYS = ("finetune", "finetune_lr", "finetune_transforms")  # the pass's settings: the blocks never depend on them
+PASS_KEYS = ("finetune", "finetune_lr", "finetune_transforms", "finetune_codes")  # the pass's settings: the blocks never depend on them
 
 
 def kept(out, sett):
@@ -407,6 +408,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
         check_kl_memory(model, cc.device, lc.kl_quantizer in ("gptq", "gptaq", "rtnh"), lc.kl_quantizer in ("gptq", "gptaq"),
                         lc.kl_quantizer == "gptaq")
+    if cc.finetune:
+        check_pass_memory(model, cc.device, cc.finetune_codes)
     for path in eval_files:     # fail now, not after calibrating
         evaluation.windows(evaluation.tokenize_corpus(tok, path), min(eval_seqlen, args.max_seq_len))
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
@@ -492,7 +495,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if cc.finetune:
         ref = llama.load(cc.ckpt)[0]
         try:
-            ft = finetune(model, ref, samples, cc.finetune, cc.finetune_lr, cc.seed, dev, cc.finetune_transforms)
+            ft = finetune(model, ref, samples, cc.finetune, cc.finetune_lr, cc.seed, dev, cc.finetune_transforms,
+                          cc.finetune_codes)
         except bq.LearningError as e:
             raise UserError(f"{e}: lower --finetune_lr and rerun (the blocks in {partial} are kept)") from None
         del ref
@@ -545,6 +549,28 @@ class ScaledCodes(nn.Module):
 
     def forward(self, x):   # (..., in) -> (..., out)
         return bq.codes_linear(x, self.q, self.scale(), self.ql.zeros.float(), self.ql.group)
+
+
+FINETUNE_CODE_DRIFT = 1.0   # how far, in code units, Adam may move a latent code over the whole pass (LatentCodes)
+
+
+class LatentCodes(ScaledCodes):
+    """A ScaledCodes whose integer codes move too: a latent code c = q + r per weight, r learned from 0, rounded
+    straight through, w = s (round(clamp(c, 0, 2^b - 1)) - z) (EfficientQAT's Block-AP rounds a learned W the same
+    way). Adam moves every r by about lr per step, at most lr S / 2 over a cosine schedule of S steps; a code flips
+    once its latent crosses a half. At lr = 2 FINETUNE_CODE_DRIFT / S a code whose gradient keeps its sign for more
+    than half the steps flips once, and none flips twice. It holds r, its gradient and Adam's two moments in fp32:
+    16 bytes per weight where ScaledCodes holds 1."""
+
+    def __init__(self, ql):
+        super().__init__(ql)
+        self.r = nn.Parameter(torch.zeros(self.q.shape, device=self.q.device))
+
+    def codes(self):        # (out, in) integers in [0, 2^b) as floats; the gradient passes to r inside the range
+        return bq.round_ste(torch.clamp(self.q.float() + self.r, 0, 2 ** self.ql.bits - 1))
+
+    def forward(self, x):   # (..., in) -> (..., out)
+        return x @ bq.dequantize(self.codes(), self.scale(), self.ql.zeros.float(), self.ql.group).T
 
 
 class Checkpointed(nn.Module):
@@ -627,42 +653,70 @@ def swapped(model, swaps, checkpoint):
             llama.swap_module(model, name, old)
 
 
-def finetune(model, ref, samples, steps, lr, seed, device, transforms=False):
-    """With every integer code frozen, learn every group's scale by Adam on KL(ref || model) of the next-token
-    distribution over the calibration tokens (EfficientQAT's last phase learns the scales); with `transforms`, every
-    learned transform's angles and K x K factor too, at the same rate (SpinQuant and OSTQuant learn rotations end to
-    end; here that costs perplexity: README). Fixed (dense) transforms stay fixed. The quantized modules of `model`
-    are updated in place; a NaN stops with nothing changed.
-    Returns the mean KL on the first four chunks it learns on, before and after, and the seconds it took."""
+def check_pass_memory(fp, device, codes):
+    """Refuse, before any work, an end-to-end pass whose tensors alone outgrow the device: the model in fp32 beside
+    the reference `fp` in its own dtype, and with `codes` 16 bytes per quantized weight (LatentCodes; LLaMA-2-7B:
+    27 + 13 GB, and 104 GB more with codes)."""
+    params = list(fp.parameters())
+    linear = sum(m.weight.numel() for b in fp.layers for m in b.modules() if isinstance(m, nn.Linear))
+    need = sum(p.numel() * (4 + p.element_size()) for p in params) + (16 * linear if codes else 0)
+    what = f"the end-to-end pass{' with --finetune_codes' if codes else ''}"
+    if not str(device).startswith("cuda"):
+        return llama.check_memory(need, what)
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if need > total:
+        raise UserError(f"{what} needs at least {need / 2 ** 30:.1f} GiB on {device}, which has "
+                        f"{total / 2 ** 30:.1f} GiB")
+
+
+def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, codes=False):
+    """Learn every group's scale by Adam on KL(ref || model) of the next-token distribution over the calibration
+    tokens, every integer code frozen (EfficientQAT's last phase learns the scales); with `codes`, the codes too, by
+    straight-through rounding of a latent code (LatentCodes, at 2 FINETUNE_CODE_DRIFT / steps); with `transforms`, every learned
+    transform's angles and K x K factor too, at the scales' rate (SpinQuant and OSTQuant learn rotations end to end;
+    here that costs perplexity: README). Fixed (dense) transforms stay fixed. The quantized modules of `model` are
+    updated in place; a NaN stops with nothing changed.
+    Returns the mean KL on the first four chunks it learns on, before and after, the share of codes that moved,
+    and the seconds it took."""
     t0 = time.time()
     kl, order, probe = kl_setup(model, ref, samples, seed, device)
     kl_before = probe()
     swaps = []      # (name, trainable, original): QuantLinear -> ScaledCodes, learned OnlineTransform -> Transform
     for name, mod in list(model.named_modules()):
         if isinstance(mod, llama.QuantLinear):
-            swaps.append((name, ScaledCodes(mod), mod))
+            swaps.append((name, (LatentCodes if codes else ScaledCodes)(mod), mod))
         elif transforms and isinstance(mod, llama.OnlineTransform) and not mod.dense:
             swaps.append((name, bq.Transform.from_export(mod.entry, mod.theta, mod.Q if mod.K > 1 else None)
                           .to(device), mod))
     with swapped(model, swaps, str(device).startswith("cuda")):
-        params = [p for _, new, _ in swaps for p in new.parameters()]
-        descend_kl(kl, order, params, steps, lr, "end-to-end pass", t0)
+        latent = [p for _, new, _ in swaps for n, p in new.named_parameters() if n == "r"]
+        rest = [p for _, new, _ in swaps for n, p in new.named_parameters() if n != "r"]
+        code_lr = 2 * FINETUNE_CODE_DRIFT / steps
+        descend_kl(kl, order, [dict(params=rest)] + ([dict(params=latent, lr=code_lr)] if latent else []),
+                   steps, lr, "end-to-end pass", t0)
         with torch.no_grad():
-            writes = []     # (buffer, new value): all checked before any is written
+            writes, moved = [], []      # (buffer, new value, bits to pack it to or None): all checked first
             for _, new, old in swaps:
+                if isinstance(new, LatentCodes):
+                    q = new.codes()
+                    writes.append((old.qweight, q, old.bits))
+                    moved.append(((q != new.q).sum().item(), q.numel()))
                 if isinstance(new, ScaledCodes):
-                    writes.append((old.scales, new.scale().half()))
+                    writes.append((old.scales, new.scale().half(), None))
                 else:
                     _, theta, Q = new.export()
-                    writes += [(old.theta, theta)] + ([(old.Q, Q)] if Q is not None else [])
-            if not all(torch.isfinite(v).all() for _, v in writes):
-                raise bq.LearningError("end-to-end pass: a scale or angle became non-finite (or beyond fp16)")
-            for buf, v in writes:
-                buf.copy_(v)
+                    writes += [(old.theta, theta, None)] + ([(old.Q, Q, None)] if Q is not None else [])
+            if not all(torch.isfinite(v).all() for _, v, _ in writes):
+                raise bq.LearningError("end-to-end pass: a scale, code or angle became non-finite (or beyond fp16)")
+            for buf, v, bits in writes:
+                buf.copy_(v if bits is None else bq.pack(v.to(torch.uint8), bits))
     res = dict(steps=steps, lr=lr, kl_before=round(kl_before, 5), kl_after=round(probe(), 5),
                seconds=round(time.time() - t0, 1), device=str(device))
+    if codes:
+        res.update(code_lr=round(code_lr, 6), codes_moved=round(sum(m for m, _ in moved) / sum(n for _, n in moved), 6))
+    moved = f", {100 * res['codes_moved']:.2f}% of the codes moved" if codes else ""
     evaluation.say(f"end-to-end pass: {steps} steps, KL on 4 of its chunks {res['kl_before']:.4f} -> "
-                   f"{res['kl_after']:.4f}, {evaluation.fmt_time(res['seconds'])}")
+                   f"{res['kl_after']:.4f}{moved}, {evaluation.fmt_time(res['seconds'])}")
     model.cpu()
     ref.cpu()
     return res
@@ -949,7 +1003,7 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
 def pass_settings(cc, bits):
     """What the end-to-end pass adds to a file's settings (PASS_KEYS)."""
     return dict(finetune=cc.finetune, finetune_lr=cc.finetune_lr or finetune_lr(bits),
-                finetune_transforms=cc.finetune_transforms)
+                finetune_transforms=cc.finetune_transforms, **({"finetune_codes": True} if cc.finetune_codes else {}))
 
 
 def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
@@ -970,6 +1024,7 @@ def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
     fp = llama.load(cc.ckpt)[0]
     if fingerprint(fp) != fingerprint_made:
         raise UserError(f"{src} was calibrated from other weights than --ckpt {cc.ckpt}")
+    check_pass_memory(fp, cc.device, cc.finetune_codes)
     model, tok = llama.load_quantized(src)
     for path in eval_files:     # fail now, not after the pass
         evaluation.windows(evaluation.tokenize_corpus(tok, path), min(eval_seqlen, fp.args.max_seq_len))
@@ -982,7 +1037,7 @@ def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
         return res
     try:
         ft = finetune(model, fp, samples, cc.finetune, cc.finetune_lr or finetune_lr(bits), made.seed, cc.device,
-                      cc.finetune_transforms)
+                      cc.finetune_transforms, cc.finetune_codes)
     except bq.LearningError as e:
         raise UserError(f"{e}: lower --finetune_lr") from None
     info = {k: v for k, v in header.items() if k not in ("format", "config", "tokenizer", "quant", "transforms")}
@@ -1162,6 +1217,11 @@ def expected_settings(cc, qc, lc, finetune_from=None):
     return dict(src, **pass_settings(cc, bits))
 
 
+def pass_tag(cc):
+    """The end-to-end pass in a default file name: its steps, t with the transforms learned, c with the codes."""
+    return f"{cc.finetune}{'t' if cc.finetune_transforms else ''}{'c' if cc.finetune_codes else ''}"
+
+
 def parse_args(argv=None):
     """Flags -> (CalibConfig, QuantConfig, LearnConfig, the other options)."""
     p = llama.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1246,6 +1306,9 @@ def parse_args(argv=None):
     p.add_argument("--finetune_transforms", action="store_true",
                    help="the end-to-end pass learns every learned transform's angles and K x K factor too, at its "
                         "rate (default: the scales only; learning the angles there cost perplexity, README)")
+    p.add_argument("--finetune_codes", action="store_true",
+                   help="the end-to-end pass moves the integer codes too, by straight-through rounding of a latent "
+                        "code (16 bytes per weight where the scales alone take 1)")
     p.add_argument("--finetune_from", default=None,
                    help="run only the end-to-end pass, on this calibrate.py file of --ckpt (read, never written), "
                         "on the calibration tokens it was made with; writes --out")
@@ -1277,15 +1340,16 @@ def parse_args(argv=None):
     nsamples = a.nsamples if a.nsamples is not None else (128 if on_gpu else DATA_FREE_CPU[0] if data_free_cpu else 32)
     seqlen = a.seqlen if a.seqlen is not None else (DATA_FREE_CPU[1] if data_free_cpu else 2048)
     cc = CalibConfig(a.ckpt, a.rotation, a.calib, nsamples, seqlen, a.seed, a.unif_tokens, a.batch_size, a.device,
-                     a.finetune, a.finetune_lr, a.gptaq, a.finetune_transforms)
+                     a.finetune, a.finetune_lr, a.gptaq, a.finetune_transforms, a.finetune_codes)
     for name in ("nsamples", "seqlen", "batch_size", "unif_tokens"):
         if getattr(cc, name) < 1:
             raise UserError(f"--{name} must be positive")
     if cc.finetune < 0 or (cc.finetune_lr is not None and not 0 < cc.finetune_lr < 1) or \
             (a.finetune_from and cc.finetune < 1):
         raise UserError("--finetune must be >= 0 (>= 1 with --finetune_from) and --finetune_lr in (0, 1)")
-    if cc.finetune_transforms and not cc.finetune:
-        raise UserError("--finetune_transforms is a setting of the end-to-end pass: give --finetune STEPS")
+    for flag in ("finetune_transforms", "finetune_codes"):
+        if getattr(cc, flag) and not cc.finetune:
+            raise UserError(f"--{flag} is a setting of the end-to-end pass: give --finetune STEPS")
     if not 0 <= cc.gptaq <= 1 or (cc.gptaq and (a.sweep or a.finetune_from)):
         raise UserError("--gptaq must be in [0, 1], and not with --sweep (its rows are the default GPTQ) or "
                         "--finetune_from (the file is already quantized)")
@@ -1314,7 +1378,7 @@ def parse_args(argv=None):
         if given:
             raise UserError(f"--finetune_from uses the calibration tokens its file was made with: drop {', '.join(given)}")
         a.out = a.out or a.finetune_from.removesuffix(".safetensors") + \
-            f"-e2e{cc.finetune}{'t' if cc.finetune_transforms else ''}.safetensors"
+            f"-e2e{pass_tag(cc)}.safetensors"
     if a.out is None:
         tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
             "" if lc.objective == "layer" else f"-{lc.objective}") + (
@@ -1325,8 +1389,7 @@ def parse_args(argv=None):
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"
                                     f"{'-u' + str(lc.lambda_unif) if lc.lambda_unif else ''}"
                                     f"{'-gptaq' + str(cc.gptaq) if cc.gptaq else ''}"
-                                    f"{'-e2e' + str(cc.finetune) if cc.finetune else ''}"
-                                    f"{'t' if cc.finetune_transforms else ''}.safetensors")
+                                    f"{'-e2e' + pass_tag(cc) if cc.finetune else ''}.safetensors")
     inputs = [a.finetune_from, cc.ckpt, *calib_sources(cc.calib), os.path.join(SHARED_DATA, "wikitext103_valid.txt"),
               *(a.eval_data or [])]
     llama.check_output(a.out, inputs, suffix=".safetensors")

@@ -1214,6 +1214,29 @@ def test_scales_of_frozen_codes_get_finite_difference_gradients():
         assert torch.allclose(bq.codes_linear(x, q, s, z, group), dense)
 
 
+def test_latent_codes_round_straight_through_against_a_float64_reference():
+    """--finetune_codes' layer: w = s (round(clamp(q + r, 0, 3)) - z) in the forward pass; in the backward pass
+    dL/dr = (gy^T x) s inside the range and 0 where the clamp holds, as a float64 reference computes it by hand."""
+    g = torch.Generator().manual_seed(0)
+    n, R, group = 100, 7, 64
+    q = torch.randint(0, 4, (R, n), dtype=torch.uint8, generator=g)
+    s, z = torch.rand(R, 2, generator=g) * 0.1 + 0.05, torch.randint(0, 4, (R, 2), generator=g).float()
+    lc = calibrate.LatentCodes(kernels.QuantLinear.from_integers(q, s, z, 2, group))
+    with torch.no_grad():
+        lc.r.copy_(torch.rand(R, n, generator=g) * 3 - 1.5)                  # some codes flip, some clamp
+    x, gy = torch.randn(5, n, generator=g), torch.randn(5, R, generator=g)
+    (lc(x) * gy).sum().backward()
+    c = q.double() + lc.r.detach().double()                                   # (R, n) the latent codes
+    code = c.clamp(0, 3).round()
+    sx = bq.expand_groups(s.half().double(), n, group)                        # the file's fp16 scales
+    w = sx * (code - bq.expand_groups(z.double(), n, group))
+    assert torch.allclose(lc(x).double(), x.double() @ w.T, atol=1e-5)
+    inside = ((c > 0) & (c < 3)).double()
+    assert 0 < inside.mean() < 1 and (code != q.double()).any()
+    assert torch.allclose(lc.r.grad.double(), (gy.double().T @ x.double()) * sx * inside, atol=1e-5)
+    assert torch.equal(lc.codes().detach(), code.float())
+
+
 @needs_shared
 def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tmp_path):
     """--finetune_from on a calibrated stories260K: the integer codes and zeros stay, the scales move, the learned
@@ -1239,6 +1262,33 @@ def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tm
     header, header_t = llama.read_safetensors(out)[0], llama.read_safetensors(out_t)[0]
     assert header["settings"]["finetune"] == 16 and header["finetune"]["kl_after"] < header["finetune"]["kl_before"]
     assert header["settings"]["finetune_transforms"] is False and header_t["settings"]["finetune_transforms"] is True
+    fp, tok = llama.load(STORIES)
+    ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
+    kl = [ev.compare(fp, llama.load(p)[0], ids, seqlen=128, limit=4)["kl"] for p in (src, out)]
+    assert kl[1] < 0.9 * kl[0], kl
+
+
+@needs_shared
+def test_end_to_end_pass_with_codes_moves_codes_within_the_grid_and_lowers_held_out_kl(tmp_path):
+    """--finetune_codes: some integer codes move, every one stays on the grid, the zeros and learned transforms stay,
+    the header's share of moved codes is the share that differs in the file, and held-out KL(fp || quantized) falls
+    below the file's."""
+    src, argv = tiny_calibrate(tmp_path, "--rotation", "butterfly")
+    calibrate.main(argv)
+    out = str(tmp_path / "ft-c.safetensors")
+    calibrate.main(["--ckpt", STORIES, "--finetune_from", src, "--finetune", "80", "--finetune_lr", "0.01",
+                    "--finetune_codes", "--out", out, "--no_eval"])
+    (_, a), (header, b) = llama.read_safetensors(src), llama.read_safetensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith((".zeros", ".theta", ".Q")))
+    moved = total = 0
+    for name, mod in llama.load(src)[0].named_modules():
+        if isinstance(mod, kernels.QuantLinear):
+            shape = (mod.out_features, mod.in_features)
+            qa, qb = (bq.unpack(t[name + ".qweight"], mod.bits, shape) for t in (a, b))
+            assert int(qb.max()) < 2 ** mod.bits
+            moved, total = moved + (qa != qb).sum().item(), total + qa.numel()
+    assert moved > 0 and header["finetune"]["codes_moved"] == pytest.approx(moved / total, abs=1e-6)
+    assert header["settings"]["finetune_codes"] is True
     fp, tok = llama.load(STORIES)
     ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
     kl = [ev.compare(fp, llama.load(p)[0], ids, seqlen=128, limit=4)["kl"] for p in (src, out)]
@@ -1440,6 +1490,8 @@ def test_default_output_name_never_replaces_a_file_made_with_other_settings(tmp_
         calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_lr", "1e-5"])
     assert calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_transforms"]
                                 )[3]["out"] == ft["out"].replace("-e2e2.", "-e2e2t.")          # its own file
+    assert calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_codes",
+                                 "--finetune_transforms"])[3]["out"] == ft["out"].replace("-e2e2.", "-e2e2tc.")
     assert open(got["out"], "rb").read() == before
 
 
@@ -2429,6 +2481,7 @@ BAD_INPUTS = {
     "cal finetune_from after the calibration text changed": ("other tokens", lambda c, q: changed_calib_finetune(c)),
     "cal finetune_lr nan": ("finetune_lr", lambda c, q: cal(c, None, "--finetune", "2", "--finetune_lr", "nan")),
     "cal finetune_transforms without a pass": ("give --finetune", lambda c, q: cal(c, None, "--finetune_transforms")),
+    "cal finetune_codes without a pass": ("give --finetune", lambda c, q: cal(c, None, "--finetune_codes")),
     "cal finetune_from missing": ("no such file", lambda c, q: ft(c, c.p("nope.safetensors"))),
     "cal finetune_from is the out": ("overwrite the input", lambda c, q: ft(c, c.quantized(q), "--out", c.p("q.safetensors"))),
     "cal finetune_from of other weights": ("other weights", lambda c, q: ft(c, c.quantized(q), ckpt=c.tiny())),
