@@ -78,7 +78,8 @@ def settings(cc, qc, lc):
     when used, and finetune_transforms only with a pass, so that files made before they existed keep their settings;
     a pass made before finetune_transforms existed learned the transforms, and no longer matches)."""
     d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device")
-         and (k not in ("gptaq", "finetune_codes") or v) and (k != "finetune_transforms" or cc.finetune)}
+         and (k != "gptaq" or v) and (k != "finetune_codes" or v and cc.finetune)
+         and (k != "finetune_transforms" or cc.finetune)}
     return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" or lc.lwc else None)
 
 
@@ -343,7 +344,7 @@ def tokens_fingerprint(samples):
 
 
 FINGERPRINTS = ("ckpt_fingerprint", "calib_fingerprint")        # in the settings, beside what settings() records
-PASS_KEYS = ("finetune", "finetune_lr", "finetune_transforms", "finetune_codes")  # the pass's settings: the blocks never depend on them
+PASS_KEYS = ("finetune", "finetune_lr", "finetune_transforms", "finetune_codes")   # the pass's: no block depends on them
 
 
 def kept(out, sett):
@@ -408,8 +409,6 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
     if lc.objective == "kl" and (cc.rotation == "butterfly" or lc.lwc):
         check_kl_memory(model, cc.device, lc.kl_quantizer in ("gptq", "gptaq", "rtnh"), lc.kl_quantizer in ("gptq", "gptaq"),
                         lc.kl_quantizer == "gptaq")
-    if cc.finetune:
-        check_pass_memory(model, cc.device, cc.finetune_codes)
     for path in eval_files:     # fail now, not after calibrating
         evaluation.windows(evaluation.tokenize_corpus(tok, path), min(eval_seqlen, args.max_seq_len))
     samples, source = calibration_samples(cc, model, tok)               # (N, T)
@@ -432,6 +431,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
         print(f"resuming from {partial}", file=sys.stderr)
     elif (res := kept(out, sett)) is not None:
         return res
+    if cc.finetune:
+        check_pass_memory(model, cc.device, qc.bits, cc.finetune_codes)
 
     dev = cc.device
     print(f"calibrating {cc.ckpt}: {args.n_layers} blocks, dim {args.dim}, ffn {args.hidden_dim} | W{qc.bits} "
@@ -556,11 +557,12 @@ FINETUNE_CODE_DRIFT = 1.0   # how far, in code units, Adam may move a latent cod
 
 class LatentCodes(ScaledCodes):
     """A ScaledCodes whose integer codes move too: a latent code c = q + r per weight, r learned from 0, rounded
-    straight through, w = s (round(clamp(c, 0, 2^b - 1)) - z) (EfficientQAT's Block-AP rounds a learned W the same
-    way). Adam moves every r by about lr per step, at most lr S / 2 over a cosine schedule of S steps; a code flips
-    once its latent crosses a half. At lr = 2 FINETUNE_CODE_DRIFT / S a code whose gradient keeps its sign for more
-    than half the steps flips once, and none flips twice. It holds r, its gradient and Adam's two moments in fp32:
-    16 bytes per weight where ScaledCodes holds 1."""
+    straight through, w = s (round(clamp(c, 0, 2^b - 1)) - z) (EfficientQAT's Block-AP learns W and rounds it
+    straight through; it clamps after rounding, where here a latent past either end of the grid gets no gradient
+    and stays there). Adam moves every r by about lr per step, so by about lr (S + 1) / 2 at most over a cosine
+    schedule of S steps, most of it early, and a code flips once its latent crosses a half: at
+    lr = 2 FINETUNE_CODE_DRIFT / S a code flips only if its gradient keeps its sign over much of the pass, and rarely
+    twice. It holds r, its gradient and Adam's two moments in fp32: 16 bytes per weight beside ScaledCodes' 1."""
 
     def __init__(self, ql):
         super().__init__(ql)
@@ -653,15 +655,19 @@ def swapped(model, swaps, checkpoint):
             llama.swap_module(model, name, old)
 
 
-def check_pass_memory(fp, device, codes):
-    """Refuse, before any work, an end-to-end pass whose tensors alone outgrow the device: the model in fp32 beside
-    the reference `fp` in its own dtype, and with `codes` 16 bytes per quantized weight (LatentCodes; LLaMA-2-7B:
-    27 + 13 GB, and 104 GB more with codes)."""
-    params = list(fp.parameters())
-    linear = sum(m.weight.numel() for b in fp.layers for m in b.modules() if isinstance(m, nn.Linear))
-    need = sum(p.numel() * (4 + p.element_size()) for p in params) + (16 * linear if codes else 0)
+def check_pass_memory(fp, device, bits, codes):
+    """Refuse, before the pass, one whose tensors alone outgrow the device: the reference `fp` in its own dtype,
+    beside the quantized model (its linears packed, plus their codes unpacked to a byte each, the rest in fp32), and
+    with `codes` 16 bytes per quantized weight for r, its gradient and Adam's moments, plus on CPU (no activation
+    checkpointing) about 12 that autograd keeps for every linear's backward (LLaMA-2-7B on a GPU: 13 + 1 + 8 GB, and
+    104 GB more with codes)."""
+    P = sum(p.numel() for p in fp.parameters())
+    L = sum(m.weight.numel() for b in fp.layers for m in b.modules() if isinstance(m, nn.Linear))
+    cuda = str(device).startswith("cuda")
+    need = sum(p.numel() * p.element_size() for p in fp.parameters()) + 4 * (P - L) + L * (bits / 8 + 1) + \
+        (L * (16 if cuda else 28) if codes else 0)
     what = f"the end-to-end pass{' with --finetune_codes' if codes else ''}"
-    if not str(device).startswith("cuda"):
+    if not cuda:
         return llama.check_memory(need, what)
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     if need > total:
@@ -672,9 +678,9 @@ def check_pass_memory(fp, device, codes):
 def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, codes=False):
     """Learn every group's scale by Adam on KL(ref || model) of the next-token distribution over the calibration
     tokens, every integer code frozen (EfficientQAT's last phase learns the scales); with `codes`, the codes too, by
-    straight-through rounding of a latent code (LatentCodes, at 2 FINETUNE_CODE_DRIFT / steps); with `transforms`, every learned
-    transform's angles and K x K factor too, at the scales' rate (SpinQuant and OSTQuant learn rotations end to end;
-    here that costs perplexity: README). Fixed (dense) transforms stay fixed. The quantized modules of `model` are
+    straight-through rounding of a latent code (LatentCodes); with `transforms`, every learned transform's angles and
+    K x K factor too, at the scales' rate (SpinQuant and OSTQuant learn rotations end to end; here that costs
+    perplexity: README). Fixed (dense) transforms stay fixed. The quantized modules of `model` are
     updated in place; a NaN stops with nothing changed.
     Returns the mean KL on the first four chunks it learns on, before and after, the share of codes that moved,
     and the seconds it took."""
@@ -695,21 +701,23 @@ def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, cod
         descend_kl(kl, order, [dict(params=rest)] + ([dict(params=latent, lr=code_lr)] if latent else []),
                    steps, lr, "end-to-end pass", t0)
         with torch.no_grad():
-            writes, moved = [], []      # (buffer, new value, bits to pack it to or None): all checked first
+            writes, moved = [], []      # (buffer, new value): all made and checked before any is written
             for _, new, old in swaps:
                 if isinstance(new, LatentCodes):
                     q = new.codes()
-                    writes.append((old.qweight, q, old.bits))
+                    if not torch.isfinite(q).all():
+                        raise bq.LearningError("end-to-end pass: a latent code became non-finite")
+                    writes.append((old.qweight, bq.pack(q.to(torch.uint8), old.bits)))
                     moved.append(((q != new.q).sum().item(), q.numel()))
                 if isinstance(new, ScaledCodes):
-                    writes.append((old.scales, new.scale().half(), None))
+                    writes.append((old.scales, new.scale().half()))
                 else:
                     _, theta, Q = new.export()
-                    writes += [(old.theta, theta, None)] + ([(old.Q, Q, None)] if Q is not None else [])
-            if not all(torch.isfinite(v).all() for _, v, _ in writes):
-                raise bq.LearningError("end-to-end pass: a scale, code or angle became non-finite (or beyond fp16)")
-            for buf, v, bits in writes:
-                buf.copy_(v if bits is None else bq.pack(v.to(torch.uint8), bits))
+                    writes += [(old.theta, theta)] + ([(old.Q, Q)] if Q is not None else [])
+            if not all(torch.isfinite(v).all() for _, v in writes if v.is_floating_point()):
+                raise bq.LearningError("end-to-end pass: a scale or angle became non-finite (or beyond fp16)")
+            for buf, v in writes:
+                buf.copy_(v)
     res = dict(steps=steps, lr=lr, kl_before=round(kl_before, 5), kl_after=round(probe(), 5),
                seconds=round(time.time() - t0, 1), device=str(device))
     if codes:
@@ -1024,7 +1032,6 @@ def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
     fp = llama.load(cc.ckpt)[0]
     if fingerprint(fp) != fingerprint_made:
         raise UserError(f"{src} was calibrated from other weights than --ckpt {cc.ckpt}")
-    check_pass_memory(fp, cc.device, cc.finetune_codes)
     model, tok = llama.load_quantized(src)
     for path in eval_files:     # fail now, not after the pass
         evaluation.windows(evaluation.tokenize_corpus(tok, path), min(eval_seqlen, fp.args.max_seq_len))
@@ -1035,6 +1042,7 @@ def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
         raise UserError(f"{src} was calibrated on other tokens than {source} gives now (its text changed)")
     if (res := kept(out, dict(sett, **pass_settings(cc, bits)))) is not None:
         return res
+    check_pass_memory(fp, cc.device, bits, cc.finetune_codes)
     try:
         ft = finetune(model, fp, samples, cc.finetune, cc.finetune_lr or finetune_lr(bits), made.seed, cc.device,
                       cc.finetune_transforms, cc.finetune_codes)
@@ -1308,7 +1316,7 @@ def parse_args(argv=None):
                         "rate (default: the scales only; learning the angles there cost perplexity, README)")
     p.add_argument("--finetune_codes", action="store_true",
                    help="the end-to-end pass moves the integer codes too, by straight-through rounding of a latent "
-                        "code (16 bytes per weight where the scales alone take 1)")
+                        "code learning at 2/STEPS in code units (16 bytes more per weight than the scales alone)")
     p.add_argument("--finetune_from", default=None,
                    help="run only the end-to-end pass, on this calibrate.py file of --ckpt (read, never written), "
                         "on the calibration tokens it was made with; writes --out")

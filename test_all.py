@@ -1237,6 +1237,22 @@ def test_latent_codes_round_straight_through_against_a_float64_reference():
     assert torch.equal(lc.codes().detach(), code.float())
 
 
+def test_end_to_end_pass_beyond_host_memory_is_refused_before_it_starts(monkeypatch):
+    """check_pass_memory counts the reference, the packed model and, with codes, 28 bytes per quantized weight on
+    CPU: a machine one byte short of that is told so in one line; one byte more passes."""
+    fp = llama.Transformer(tiny_args())
+    L = sum(m.weight.numel() for b in fp.layers for m in b.modules() if isinstance(m, torch.nn.Linear))
+    P = sum(p.numel() for p in fp.parameters())
+    need = 4 * P + 4 * (P - L) + L * (2 / 8 + 1) + 28 * L                       # fp32 reference, W2
+    for pages, ok in ((need - 1, False), (need + 1, True)):
+        monkeypatch.setattr(os, "sysconf", lambda k, pages=pages: 1 if k == "SC_PAGE_SIZE" else int(pages))
+        if ok:
+            calibrate.check_pass_memory(fp, "cpu", 2, True)
+        else:
+            with pytest.raises(llama.UserError, match="end-to-end pass with --finetune_codes would need"):
+                calibrate.check_pass_memory(fp, "cpu", 2, True)
+
+
 @needs_shared
 def test_end_to_end_pass_lowers_held_out_kl_and_keeps_codes_and_orthogonality(tmp_path):
     """--finetune_from on a calibrated stories260K: the integer codes and zeros stay, the scales move, the learned
@@ -1285,10 +1301,15 @@ def test_end_to_end_pass_with_codes_moves_codes_within_the_grid_and_lowers_held_
         if isinstance(mod, kernels.QuantLinear):
             shape = (mod.out_features, mod.in_features)
             qa, qb = (bq.unpack(t[name + ".qweight"], mod.bits, shape) for t in (a, b))
-            assert int(qb.max()) < 2 ** mod.bits
+            assert (qa.int() - qb.int()).abs().max() <= 1                            # one grid step at most
+            assert torch.equal(bq.pack(qb, mod.bits), b[name + ".qweight"])         # no stray bits in the words
             moved, total = moved + (qa != qb).sum().item(), total + qa.numel()
     assert moved > 0 and header["finetune"]["codes_moved"] == pytest.approx(moved / total, abs=1e-6)
     assert header["settings"]["finetune_codes"] is True
+    cc, qc, lc = calibrate.CalibConfig(finetune=4), bq.QuantConfig(), bq.LearnConfig()
+    for c in (cc, replace(cc, finetune=0, finetune_codes=True)):        # files made before the flag keep their settings
+        assert "finetune_codes" not in calibrate.settings(c, qc, lc)
+    assert "finetune_codes" not in calibrate.pass_settings(cc, 2)
     fp, tok = llama.load(STORIES)
     ids = ev.tokenize_corpus(tok, os.path.join(SHARED, "data", "wikitext2_test.txt"))
     kl = [ev.compare(fp, llama.load(p)[0], ids, seqlen=128, limit=4)["kl"] for p in (src, out)]
