@@ -70,7 +70,7 @@ class CalibConfig:
     finetune_lr: Optional[float] = None  # its Adam learning rate (cosine-decayed); None: finetune_lr(bits)
     gptaq: float = 0.0                  # GPTQ's target moved toward the unquantized outputs (bq.gptaq_target); 0: off
     finetune_transforms: bool = False   # the pass learns the learned transforms too, not only the scales
-    finetune_codes: bool = False        # the pass moves the integer codes too (straight-through rounding)
+    finetune_codes: float = 0.0         # the pass moves the integer codes too, each at most ~this many steps; 0: off
 
 
 def settings(cc, qc, lc):
@@ -552,7 +552,7 @@ class ScaledCodes(nn.Module):
         return bq.codes_linear(x, self.q, self.scale(), self.ql.zeros.float(), self.ql.group)
 
 
-FINETUNE_CODE_DRIFT = 1.0   # how far, in code units, Adam may move a latent code over the whole pass (LatentCodes)
+FINETUNE_CODE_DRIFT = 1.0   # --finetune_codes' default: how far, in grid steps, Adam may move a latent code in the pass
 
 
 class LatentCodes(ScaledCodes):
@@ -561,8 +561,8 @@ class LatentCodes(ScaledCodes):
     straight through; it clamps after rounding, where here a latent past either end of the grid gets no gradient
     and stays there). Adam moves every r by about lr per step, so by about lr (S + 1) / 2 at most over a cosine
     schedule of S steps, most of it early, and a code flips once its latent crosses a half: at
-    lr = 2 FINETUNE_CODE_DRIFT / S a code flips only if its gradient keeps its sign over much of the pass, and rarely
-    twice. It holds r, its gradient and Adam's two moments in fp32: 16 bytes per weight beside ScaledCodes' 1."""
+    lr = 2 D / S (D = FINETUNE_CODE_DRIFT = 1 grid step by default) a code flips only if its gradient keeps its sign
+    over much of the pass, and rarely twice. It holds r, its gradient and Adam's two moments in fp32: 16 bytes per weight beside ScaledCodes' 1."""
 
     def __init__(self, ql):
         super().__init__(ql)
@@ -675,10 +675,11 @@ def check_pass_memory(fp, device, bits, codes):
                         f"{total / 2 ** 30:.1f} GiB")
 
 
-def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, codes=False):
+def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, codes=0.0):
     """Learn every group's scale by Adam on KL(ref || model) of the next-token distribution over the calibration
     tokens, every integer code frozen (EfficientQAT's last phase learns the scales); with `codes`, the codes too, by
-    straight-through rounding of a latent code (LatentCodes); with `transforms`, every learned transform's angles and
+    straight-through rounding of a latent code (LatentCodes) that moves at most about `codes` grid steps; with
+    `transforms`, every learned transform's angles and
     K x K factor too, at the scales' rate (SpinQuant and OSTQuant learn rotations end to end; here that costs
     perplexity: README). Fixed (dense) transforms stay fixed. The quantized modules of `model` are
     updated in place; a NaN stops with nothing changed.
@@ -697,7 +698,7 @@ def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, cod
     with swapped(model, swaps, str(device).startswith("cuda")):
         latent = [p for _, new, _ in swaps for n, p in new.named_parameters() if n == "r"]
         rest = [p for _, new, _ in swaps for n, p in new.named_parameters() if n != "r"]
-        code_lr = 2 * FINETUNE_CODE_DRIFT / steps
+        code_lr = 2 * codes / steps
         descend_kl(kl, order, [dict(params=rest)] + ([dict(params=latent, lr=code_lr)] if latent else []),
                    steps, lr, "end-to-end pass", t0)
         with torch.no_grad():
@@ -1011,7 +1012,7 @@ def kl_learned(model, samples, cc, qc, lc, partial, sett):
 def pass_settings(cc, bits):
     """What the end-to-end pass adds to a file's settings (PASS_KEYS)."""
     return dict(finetune=cc.finetune, finetune_lr=cc.finetune_lr or finetune_lr(bits),
-                finetune_transforms=cc.finetune_transforms, **({"finetune_codes": True} if cc.finetune_codes else {}))
+                finetune_transforms=cc.finetune_transforms, **({"finetune_codes": cc.finetune_codes} if cc.finetune_codes else {}))
 
 
 def finetune_file(cc, src, out, eval_files=(), eval_seqlen=2048):
@@ -1226,8 +1227,10 @@ def expected_settings(cc, qc, lc, finetune_from=None):
 
 
 def pass_tag(cc):
-    """The end-to-end pass in a default file name: its steps, t with the transforms learned, c with the codes."""
-    return f"{cc.finetune}{'t' if cc.finetune_transforms else ''}{'c' if cc.finetune_codes else ''}"
+    """The end-to-end pass in a default file name: its steps, t with the transforms learned, c with the codes (cD
+    where they move up to D grid steps, D not the default)."""
+    codes = "" if not cc.finetune_codes else "c" if cc.finetune_codes == FINETUNE_CODE_DRIFT else f"c{cc.finetune_codes:g}"
+    return f"{cc.finetune}{'t' if cc.finetune_transforms else ''}{codes}"
 
 
 def parse_args(argv=None):
@@ -1314,9 +1317,10 @@ def parse_args(argv=None):
     p.add_argument("--finetune_transforms", action="store_true",
                    help="the end-to-end pass learns every learned transform's angles and K x K factor too, at its "
                         "rate (default: the scales only; learning the angles there cost perplexity, README)")
-    p.add_argument("--finetune_codes", action="store_true",
+    p.add_argument("--finetune_codes", type=float, nargs="?", const=FINETUNE_CODE_DRIFT, default=0.0, metavar="D",
                    help="the end-to-end pass moves the integer codes too, by straight-through rounding of a latent "
-                        "code learning at 2/STEPS in code units (16 bytes more per weight than the scales alone)")
+                        "code learning at 2 D / STEPS in grid steps, so that it moves at most about D (default "
+                        f"{FINETUNE_CODE_DRIFT:g}); 16 bytes more per weight than the scales alone")
     p.add_argument("--finetune_from", default=None,
                    help="run only the end-to-end pass, on this calibrate.py file of --ckpt (read, never written), "
                         "on the calibration tokens it was made with; writes --out")
@@ -1358,6 +1362,8 @@ def parse_args(argv=None):
     for flag in ("finetune_transforms", "finetune_codes"):
         if getattr(cc, flag) and not cc.finetune:
             raise UserError(f"--{flag} is a setting of the end-to-end pass: give --finetune STEPS")
+    if not 0 <= cc.finetune_codes <= 8:
+        raise UserError(f"--finetune_codes {cc.finetune_codes}: give grid steps in (0, 8]")
     if not 0 <= cc.gptaq <= 1 or (cc.gptaq and (a.sweep or a.finetune_from)):
         raise UserError("--gptaq must be in [0, 1], and not with --sweep (its rows are the default GPTQ) or "
                         "--finetune_from (the file is already quantized)")

@@ -1305,9 +1305,9 @@ def test_end_to_end_pass_with_codes_moves_codes_within_the_grid_and_lowers_held_
             assert torch.equal(bq.pack(qb, mod.bits), b[name + ".qweight"])         # no stray bits in the words
             moved, total = moved + (qa != qb).sum().item(), total + qa.numel()
     assert moved > 0 and header["finetune"]["codes_moved"] == pytest.approx(moved / total, abs=1e-6)
-    assert header["settings"]["finetune_codes"] is True
+    assert header["settings"]["finetune_codes"] == 1.0 and header["finetune"]["code_lr"] == 2 / 80
     cc, qc, lc = calibrate.CalibConfig(finetune=4), bq.QuantConfig(), bq.LearnConfig()
-    for c in (cc, replace(cc, finetune=0, finetune_codes=True)):        # files made before the flag keep their settings
+    for c in (cc, replace(cc, finetune=0, finetune_codes=1.0)):        # files made before the flag keep their settings
         assert "finetune_codes" not in calibrate.settings(c, qc, lc)
     assert "finetune_codes" not in calibrate.pass_settings(cc, 2)
     fp, tok = llama.load(STORIES)
@@ -1513,6 +1513,8 @@ def test_default_output_name_never_replaces_a_file_made_with_other_settings(tmp_
                                 )[3]["out"] == ft["out"].replace("-e2e2.", "-e2e2t.")          # its own file
     assert calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_codes",
                                  "--finetune_transforms"])[3]["out"] == ft["out"].replace("-e2e2.", "-e2e2tc.")
+    assert calibrate.parse_args([*argv[:2], "--finetune_from", got["out"], "--finetune", "2", "--finetune_codes", "3"]
+                                )[3]["out"] == ft["out"].replace("-e2e2.", "-e2e2c3.")
     assert open(got["out"], "rb").read() == before
 
 
@@ -2503,6 +2505,7 @@ BAD_INPUTS = {
     "cal finetune_lr nan": ("finetune_lr", lambda c, q: cal(c, None, "--finetune", "2", "--finetune_lr", "nan")),
     "cal finetune_transforms without a pass": ("give --finetune", lambda c, q: cal(c, None, "--finetune_transforms")),
     "cal finetune_codes without a pass": ("give --finetune", lambda c, q: cal(c, None, "--finetune_codes")),
+    "cal finetune_codes beyond 8 steps": ("grid steps", lambda c, q: cal(c, None, "--finetune", "2", "--finetune_codes", "9")),
     "cal finetune_from missing": ("no such file", lambda c, q: ft(c, c.p("nope.safetensors"))),
     "cal finetune_from is the out": ("overwrite the input", lambda c, q: ft(c, c.quantized(q), "--out", c.p("q.safetensors"))),
     "cal finetune_from of other weights": ("other weights", lambda c, q: ft(c, c.quantized(q), ckpt=c.tiny())),
