@@ -562,7 +562,8 @@ class LatentCodes(ScaledCodes):
     and stays there). Adam moves every r by about lr per step, so by about lr (S + 1) / 2 at most over a cosine
     schedule of S steps, most of it early, and a code flips once its latent crosses a half: at
     lr = 2 D / S (D = FINETUNE_CODE_DRIFT = 1 grid step by default) a code flips only if its gradient keeps its sign
-    over much of the pass, and rarely twice. It holds r, its gradient and Adam's two moments in fp32: 16 bytes per weight beside ScaledCodes' 1."""
+    over much of the pass, and rarely twice. It holds r, its gradient and Adam's two moments in fp32: 16 bytes per
+    weight beside ScaledCodes' 1."""
 
     def __init__(self, ql):
         super().__init__(ql)
@@ -679,10 +680,9 @@ def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, cod
     """Learn every group's scale by Adam on KL(ref || model) of the next-token distribution over the calibration
     tokens, every integer code frozen (EfficientQAT's last phase learns the scales); with `codes`, the codes too, by
     straight-through rounding of a latent code (LatentCodes) that moves at most about `codes` grid steps; with
-    `transforms`, every learned transform's angles and
-    K x K factor too, at the scales' rate (SpinQuant and OSTQuant learn rotations end to end; here that costs
-    perplexity: README). Fixed (dense) transforms stay fixed. The quantized modules of `model` are
-    updated in place; a NaN stops with nothing changed.
+    `transforms`, every learned transform's angles and K x K factor too, at the scales' rate (SpinQuant and OSTQuant
+    learn rotations end to end; here that costs perplexity: README). Fixed (dense) transforms stay fixed. The
+    quantized modules of `model` are updated in place; a NaN stops with nothing changed.
     Returns the mean KL on the first four chunks it learns on, before and after, the share of codes that moved,
     and the seconds it took."""
     t0 = time.time()
@@ -723,9 +723,9 @@ def finetune(model, ref, samples, steps, lr, seed, device, transforms=False, cod
                seconds=round(time.time() - t0, 1), device=str(device))
     if codes:
         res.update(code_lr=round(code_lr, 6), codes_moved=round(sum(m for m, _ in moved) / sum(n for _, n in moved), 6))
-    moved = f", {100 * res['codes_moved']:.2f}% of the codes moved" if codes else ""
+    share = f", {100 * res['codes_moved']:.2f}% of the codes moved" if codes else ""
     evaluation.say(f"end-to-end pass: {steps} steps, KL on 4 of its chunks {res['kl_before']:.4f} -> "
-                   f"{res['kl_after']:.4f}{moved}, {evaluation.fmt_time(res['seconds'])}")
+                   f"{res['kl_after']:.4f}{share}, {evaluation.fmt_time(res['seconds'])}")
     model.cpu()
     ref.cpu()
     return res
