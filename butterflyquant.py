@@ -319,32 +319,45 @@ def dequantize(q, scale, zero, group):
     return expand_groups(scale, n, group) * (q.float() - expand_groups(zero, n, group))
 
 
+def latent_codes(q, r, qmax):
+    """The codes a latent offset r gives the integer codes q (R, n): round(clamp(q + r, 0, qmax)); q where r is None."""
+    return q if r is None else torch.round(torch.clamp(q.float() + r, 0, qmax))
+
+
 class _CodesLinear(torch.autograd.Function):
-    """y = x (s (q - z))^T with gradients for x and the group scales s; q and z stay fixed. It saves the integer
-    codes, not the weight: W is rebuilt in the backward pass, so a pass over a large model holds one byte per
-    weight instead of four."""
+    """y = x (s (c - z))^T, c = latent_codes(q, r, qmax), with gradients for x, the group scales s and, given, the
+    latent offsets r (straight through the rounding: dL/dr = dL/dc inside [0, qmax], 0 where the clamp holds); q and
+    z stay fixed. It saves the integer codes (and r, a parameter already held), not the weight: W is rebuilt in the
+    backward pass, so a pass over a large model holds one byte per weight instead of four, and with r none of the
+    ~16 bytes per weight that autograd would keep for the clamp, the rounding and the product."""
 
     @staticmethod
-    def forward(ctx, x, q, scale, zero, group):
-        ctx.save_for_backward(x, q, scale, zero)
-        ctx.group = group
-        return x @ dequantize(q, scale, zero, group).to(x.dtype).T
+    def forward(ctx, x, q, scale, zero, group, r=None, qmax=None):
+        ctx.save_for_backward(x, q, scale, zero, r)
+        ctx.group, ctx.qmax = group, qmax
+        return x @ dequantize(latent_codes(q, r, qmax), scale, zero, group).to(x.dtype).T
 
     @staticmethod
-    def backward(ctx, gy):      # gx = gy W;  ds_rg = sum_{i in g} (gy^T x)_ri (q_ri - z_rg)
-        x, q, scale, zero = ctx.saved_tensors
+    def backward(ctx, gy):      # gx = gy W;  ds_rg = sum_{i in g} (gy^T x)_ri (c_ri - z_rg);  dr_ri = (gy^T x)_ri s_rg
+        x, q, scale, zero, r = ctx.saved_tensors
+        c = latent_codes(q, r, ctx.qmax)
         R, n = q.shape
-        gx = gy @ dequantize(q, scale, zero, ctx.group).to(gy.dtype)
+        gx = gy @ dequantize(c, scale, zero, ctx.group).to(gy.dtype)
         gW = gy.reshape(-1, R).T.float() @ x.reshape(-1, n).float()                  # (R, n)
-        gs = gW * (q.float() - expand_groups(zero.float(), n, ctx.group))
+        gr = None
+        if r is not None:
+            c_in = q.float() + r
+            gr = (gW * expand_groups(scale.float(), n, ctx.group) * ((c_in >= 0) & (c_in <= ctx.qmax))).to(r.dtype)
+        gs = gW * (c.float() - expand_groups(zero.float(), n, ctx.group))
         G, g = scale.shape[1], n if ctx.group == 0 else ctx.group
         gs = torch.nn.functional.pad(gs, (0, G * g - n)).view(R, G, g).sum(-1)                   # (R, G)
-        return gx, None, gs.to(scale.dtype), None, None
+        return gx, None, gs.to(scale.dtype), None, None, gr, None
 
 
-def codes_linear(x, q, scale, zero, group):
-    """x (..., n) -> x @ dequantize(q, scale, zero)^T (..., R), differentiable in x and scale (R, G)."""
-    return _CodesLinear.apply(x, q, scale, zero, group)
+def codes_linear(x, q, scale, zero, group, r=None, qmax=None):
+    """x (..., n) -> x @ dequantize(c, scale, zero)^T (..., R), c = q, or round(clamp(q + r, 0, qmax)) given a
+    latent offset r (R, n); differentiable in x, scale (R, G) and r."""
+    return _CodesLinear.apply(x, q, scale, zero, group, r, qmax)
 
 
 def round_ste(x):

@@ -563,17 +563,18 @@ class LatentCodes(ScaledCodes):
     schedule of S steps, most of it early, and a code flips once its latent crosses a half: at
     lr = 2 D / S (D = FINETUNE_CODE_DRIFT = 1 grid step by default) a code flips only if its gradient keeps its sign
     over much of the pass, and rarely twice. It holds r, its gradient and Adam's two moments in fp32: 16 bytes per
-    weight beside ScaledCodes' 1."""
+    weight beside ScaledCodes' 1 (codes_linear rebuilds W in the backward pass, so autograd keeps none per weight)."""
 
     def __init__(self, ql):
         super().__init__(ql)
         self.r = nn.Parameter(torch.zeros(self.q.shape, device=self.q.device))
 
-    def codes(self):        # (out, in) integers in [0, 2^b) as floats; the gradient passes to r inside the range
-        return bq.round_ste(torch.clamp(self.q.float() + self.r, 0, 2 ** self.ql.bits - 1))
+    def codes(self):        # (out, in) integers in [0, 2^b) as floats
+        return bq.latent_codes(self.q, self.r, 2 ** self.ql.bits - 1)
 
     def forward(self, x):   # (..., in) -> (..., out)
-        return x @ bq.dequantize(self.codes(), self.scale(), self.ql.zeros.float(), self.ql.group).T
+        return bq.codes_linear(x, self.q, self.scale(), self.ql.zeros.float(), self.ql.group, self.r,
+                               2 ** self.ql.bits - 1)
 
 
 class Checkpointed(nn.Module):
@@ -659,14 +660,13 @@ def swapped(model, swaps, checkpoint):
 def check_pass_memory(fp, device, bits, codes):
     """Refuse, before the pass, one whose tensors alone outgrow the device: the reference `fp` in its own dtype,
     beside the quantized model (its linears packed, plus their codes unpacked to a byte each, the rest in fp32), and
-    with `codes` 16 bytes per quantized weight for r, its gradient and Adam's moments, plus on CPU (no activation
-    checkpointing) about 12 that autograd keeps for every linear's backward (LLaMA-2-7B on a GPU: 13 + 1 + 8 GB, and
-    104 GB more with codes)."""
+    with `codes` 16 bytes per quantized weight for r, its gradient and Adam's moments (LLaMA-2-7B on a GPU:
+    13 + 1 + 8 GB, and 104 GB more with codes)."""
     P = sum(p.numel() for p in fp.parameters())
     L = sum(m.weight.numel() for b in fp.layers for m in b.modules() if isinstance(m, nn.Linear))
     cuda = str(device).startswith("cuda")
     need = sum(p.numel() * p.element_size() for p in fp.parameters()) + 4 * (P - L) + L * (bits / 8 + 1) + \
-        (L * (16 if cuda else 28) if codes else 0)
+        (16 * L if codes else 0)
     what = f"the end-to-end pass{' with --finetune_codes' if codes else ''}"
     if not cuda:
         return llama.check_memory(need, what)

@@ -1216,7 +1216,8 @@ def test_scales_of_frozen_codes_get_finite_difference_gradients():
 
 def test_latent_codes_round_straight_through_against_a_float64_reference():
     """--finetune_codes' layer: w = s (round(clamp(q + r, 0, 3)) - z) in the forward pass; in the backward pass
-    dL/dr = (gy^T x) s inside the range and 0 where the clamp holds, as a float64 reference computes it by hand."""
+    dL/dr = (gy^T x) s inside the range and 0 where the clamp holds, and the gradients of x and the scales those of
+    the dense product, as a float64 reference computes them by hand."""
     g = torch.Generator().manual_seed(0)
     n, R, group = 100, 7, 64
     q = torch.randint(0, 4, (R, n), dtype=torch.uint8, generator=g)
@@ -1224,7 +1225,7 @@ def test_latent_codes_round_straight_through_against_a_float64_reference():
     lc = calibrate.LatentCodes(kernels.QuantLinear.from_integers(q, s, z, 2, group))
     with torch.no_grad():
         lc.r.copy_(torch.rand(R, n, generator=g) * 3 - 1.5)                  # some codes flip, some clamp
-    x, gy = torch.randn(5, n, generator=g), torch.randn(5, R, generator=g)
+    x, gy = torch.randn(5, n, generator=g).requires_grad_(), torch.randn(5, R, generator=g)
     (lc(x) * gy).sum().backward()
     c = q.double() + lc.r.detach().double()                                   # (R, n) the latent codes
     code = c.clamp(0, 3).round()
@@ -1233,17 +1234,22 @@ def test_latent_codes_round_straight_through_against_a_float64_reference():
     assert torch.allclose(lc(x).double(), x.double() @ w.T, atol=1e-5)
     inside = ((c > 0) & (c < 3)).double()
     assert 0 < inside.mean() < 1 and (code != q.double()).any()
-    assert torch.allclose(lc.r.grad.double(), (gy.double().T @ x.double()) * sx * inside, atol=1e-5)
+    gW = gy.double().T @ x.detach().double()                                  # (R, n) dL/dW
+    assert torch.allclose(lc.r.grad.double(), gW * sx * inside, atol=1e-5)
+    assert torch.allclose(x.grad.double(), gy.double() @ w, atol=1e-5)
+    gs = torch.stack([(gW * (code - bq.expand_groups(z.double(), n, group)))[:, k * group:(k + 1) * group].sum(1)
+                      for k in range(2)], 1)                                  # (R, G) dL/ds; s = s0 exp(u)
+    assert torch.allclose(lc.u.grad.double(), gs * s.half().double(), atol=1e-5)
     assert torch.equal(lc.codes().detach(), code.float())
 
 
 def test_end_to_end_pass_beyond_host_memory_is_refused_before_it_starts(monkeypatch):
-    """check_pass_memory counts the reference, the packed model and, with codes, 28 bytes per quantized weight on
-    CPU: a machine one byte short of that is told so in one line; one byte more passes."""
+    """check_pass_memory counts the reference, the packed model and, with codes, 16 bytes per quantized weight:
+    a machine one byte short of that is told so in one line; one byte more passes."""
     fp = llama.Transformer(tiny_args())
     L = sum(m.weight.numel() for b in fp.layers for m in b.modules() if isinstance(m, torch.nn.Linear))
     P = sum(p.numel() for p in fp.parameters())
-    need = 4 * P + 4 * (P - L) + L * (2 / 8 + 1) + 28 * L                       # fp32 reference, W2
+    need = 4 * P + 4 * (P - L) + L * (2 / 8 + 1) + 16 * L                       # fp32 reference, W2
     for pages, ok in ((need - 1, False), (need + 1, True)):
         monkeypatch.setattr(os, "sysconf", lambda k, pages=pages: 1 if k == "SC_PAGE_SIZE" else int(pages))
         if ok:
