@@ -562,7 +562,8 @@ class LatentCodes(ScaledCodes):
     and stays there). Adam moves every r by about lr per step, so by about lr (S + 1) / 2 at most over a cosine
     schedule of S steps, most of it early, and a code flips once its latent crosses a half: at
     lr = 2 D / S (D = FINETUNE_CODE_DRIFT = 1 grid step by default) a code flips only if its gradient keeps its sign
-    over much of the pass, and rarely twice. It holds r, its gradient and Adam's two moments in fp32: 16 bytes per
+    over much of the pass, and rarely twice (at D = 2 noise alone carries 8.7% of SmolLM2's W2 codes across, and the
+    model is lost: README). It holds r, its gradient and Adam's two moments in fp32: 16 bytes per
     weight beside ScaledCodes' 1 (codes_linear rebuilds W in the backward pass, so autograd keeps none per weight)."""
 
     def __init__(self, ql):
@@ -1320,7 +1321,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune_codes", type=float, nargs="?", const=FINETUNE_CODE_DRIFT, default=0.0, metavar="D",
                    help="the end-to-end pass moves the integer codes too, by straight-through rounding of a latent "
                         "code learning at 2 D / STEPS in grid steps, so that it moves at most about D (default "
-                        f"{FINETUNE_CODE_DRIFT:g}); 16 bytes more per weight than the scales alone")
+                        f"{FINETUNE_CODE_DRIFT:g}; at 2, 8.7%% of SmolLM2's W2 codes move by noise and the model is "
+                        "destroyed: README); 16 bytes more per weight than the scales alone")
     p.add_argument("--finetune_from", default=None,
                    help="run only the end-to-end pass, on this calibrate.py file of --ckpt (read, never written), "
                         "on the calibration tokens it was made with; writes --out")
