@@ -328,8 +328,8 @@ class _CodesLinear(torch.autograd.Function):
     """y = x (s (c - z))^T, c = latent_codes(q, r, qmax), with gradients for x, the group scales s and, given, the
     latent offsets r (straight through the rounding: dL/dr = dL/dc inside [0, qmax], 0 where the clamp holds); q and
     z stay fixed. It saves the integer codes (and r, a parameter already held), not the weight: W is rebuilt in the
-    backward pass, so a pass over a large model holds one byte per weight instead of four, and with r none of the
-    ~16 bytes per weight that autograd would keep for the clamp, the rounding and the product."""
+    backward pass, so a pass over a large model holds one byte per weight instead of four, and with r none of what
+    autograd would keep per weight for the clamp, the group expansion and the product (W among it)."""
 
     @staticmethod
     def forward(ctx, x, q, scale, zero, group, r=None, qmax=None):
