@@ -569,13 +569,13 @@ class LatentCodes(ScaledCodes):
     def __init__(self, ql):
         super().__init__(ql)
         self.r = nn.Parameter(torch.zeros(self.q.shape, device=self.q.device))
+        self.qmax = 2 ** ql.bits - 1
 
     def codes(self):        # (out, in) integers in [0, 2^b) as floats
-        return bq.latent_codes(self.q, self.r, 2 ** self.ql.bits - 1)
+        return bq.latent_codes(self.q, self.r, self.qmax)
 
     def forward(self, x):   # (..., in) -> (..., out)
-        return bq.codes_linear(x, self.q, self.scale(), self.ql.zeros.float(), self.ql.group, self.r,
-                               2 ** self.ql.bits - 1)
+        return bq.codes_linear(x, self.q, self.scale(), self.ql.zeros.float(), self.ql.group, self.r, self.qmax)
 
 
 class Checkpointed(nn.Module):
