@@ -680,7 +680,7 @@ def test_block_objective_gradient_reaches_every_angle_factor_and_clip(monkeypatc
         transforms[slot] = T
         llama.swap_module(block, slot, T)
     forward = lambda Wq, x: torch.func.functional_call(block, {f"{k}.weight": v for k, v in Wq.items()}, (x, cos, sin))  # noqa: E731
-    assert bq.block_loss(forward, weights, llama.SITES, transforms, x, y, bq.QuantConfig(8, 8)) < 1e-4 * y.pow(2).mean()
+    assert bq.block_loss(forward, weights, llama.SITES, transforms, x, y, bq.QuantConfig(8, 8)) < 1e-4
     cfg = bq.QuantConfig(2, 8)
     gammas = {n: (torch.randn(2, W.shape[0], W.shape[1] // 8, generator=g, dtype=torch.float64) + 2).requires_grad_()
               for n, W in weights.items()}
@@ -935,6 +935,29 @@ def test_gptaq_calibration_resumes_to_the_same_file_and_fits_the_unquantized_out
                     k.remove()
             return (got[1] - got[0]).norm().item()
         assert site_error(out) < site_error(plain)
+
+
+def test_block_loss_weighs_every_token_alike_against_a_float64_reference():
+    """The block loss is the mean over tokens of ||e_t||^2 / ||y_t||^2, by hand in float64 with min-max RTN written
+    out; a token whose input is 1000 times larger (a massive activation, so its output and error are too) counts
+    as one token: the loss does not change, where the plain MSE would become that token's error."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    lo, hi = W.view(6, 2, 8).amin(-1, keepdim=True).clamp(max=0), W.view(6, 2, 8).amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 3).half().double()                                 # asymmetric min-max RTN, 2 bits, g8, fp16 s
+    z = (-lo / s).round()
+    Wq = (s * ((W.view(6, 2, 8) / s).round() + z).clamp(0, 3) - s * z).view(6, 16)
+    forward = lambda Wq, x: x @ Wq["w"].T      # noqa: E731
+    loss = lambda x: bq.block_loss(forward, {"w": W}, [("t", ["w"])], {"t": lambda w: w}, x, x @ W.T,  # noqa: E731
+                                   bq.QuantConfig(2, 8)).item()
+    e, y = x @ (Wq - W).T, x @ W.T
+    assert loss(x) == pytest.approx((e.pow(2).sum(-1) / y.pow(2).sum(-1)).mean().item(), rel=1e-9)
+    big = x.clone()
+    big[0, 0] *= 1000
+    assert loss(big) == pytest.approx(loss(x), rel=1e-9)
+    eb = big @ (Wq - W).T
+    assert eb[0, 0].pow(2).sum() > 0.99 * eb.pow(2).sum()          # what the plain MSE would have measured
 
 
 @needs_shared
