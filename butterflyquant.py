@@ -641,7 +641,7 @@ def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
 def block_loss(forward, weights, sites, transforms, x, y, qcfg: QuantConfig, gammas=None):
     """mean over tokens t of ||forward(Q(W T^T), x)_t - y_t||^2 / ||y_t||^2, straight-through Q; the rows of
     Q(W T^T) are Q(T w). Relative per token: every later layer reads a token through an RMSNorm, and a massive
-    activation (SmolLM2's first token carries up to 97% of sum_t ||y_t||^2 in its middle blocks) would otherwise
+    activation (SmolLM2's first token carries up to 98% of sum_t ||y_t||^2 in its middle blocks) would otherwise
     make the plain MSE the error of that one token."""
     Wq = {name: fake_quant_ste(transforms[slot](weights[name]), qcfg, None if gammas is None else gammas[name])
           for slot, names in sites for name in names}
