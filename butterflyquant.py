@@ -493,9 +493,11 @@ class LearnConfig:
     tokens: int = 512         # block objective: tokens of each calibration sequence it learns on (a prefix)
     lwc: bool = False         # block and kl objectives: also learn per-group clip factors (used by RTN and GPTQ)
     clip_lr: Optional[float] = None  # their learning rate (Adam; block: 5e-3 from 0.98, kl: 1e-2 from the search)
-    refresh: int = 10         # gptq objective and kl's gptq, rtnclip, rtnh stand-ins: steps between recomputations
+    refresh: int = 10         # gptq objective, the kl objective's gptq, rtnclip, rtnh and the block objective's gptq
+                              # stand-ins: steps between recomputations
                               # of d(T H T^T) or F(T H T^T) (an O(n^3) Cholesky), or of the clip search's ranges
-    kl_quantizer: str = "rtn"  # kl objective: the straight-through quantizer, rtn (min-max, or the learned clips),
+    kl_quantizer: str = "rtn"  # kl objective (and block: rtn or gptq): the straight-through quantizer, rtn (min-max,
+                               # or the learned clips),
                                # rtnclip (RTN on the unweighted clip search's ranges), rtnh (on the file's RTN
                                # ranges: the search with its H-scored choice per row, H at every site;
                                # calibrate.py's default under --rtn without --lwc) or gptq (fake_quant_gptq_ste, on the clip search's
@@ -525,8 +527,9 @@ class LearnConfig:
                              "random; 'best' needs a layer loss) and learns with adam")
         if self.kl_quantizer not in ("rtn", "rtnclip", "rtnh", "gptq", "gptaq"):
             raise ValueError(f"unknown kl quantizer {self.kl_quantizer!r}")
-        if self.kl_quantizer != "rtn" and self.objective != "kl":
-            raise ValueError(f"the {self.kl_quantizer} stand-in (--kl_quantizer {self.kl_quantizer}) is the kl objective's only")
+        if self.kl_quantizer != "rtn" and self.objective != "kl" and (self.objective, self.kl_quantizer) != ("block", "gptq"):
+            raise ValueError(f"the {self.kl_quantizer} stand-in (--kl_quantizer {self.kl_quantizer}) is the kl objective's "
+                             f"only (the block objective takes rtn or gptq)")
         if self.kl_quantizer in ("rtnclip", "rtnh") and self.lwc:
             raise ValueError(f"--kl_quantizer {self.kl_quantizer} learns on the clip search's ranges, --lwc learns "
                              f"its own: drop one of them")
@@ -636,25 +639,33 @@ def learn_transform(W, H, qcfg: QuantConfig, lcfg: LearnConfig, seed, Xu=None):
 #
 # Y is the unquantized block's output on the same X, so errors are measured where they matter: after q and k
 # pass the softmax, after SwiGLU, summed over the block's linears. Q is the straight-through RTN, with learned
-# clip factors sigmoid(gamma) when lwc. The block itself is a callable: this file knows no model.
+# clip factors sigmoid(gamma) when lwc; or, given H at every site, GPTQ's stand-in Q(W') = W' - (W' - RTN(W'))
+# F(T H T^T) (fake_quant_gptq_ste) on the clip search's grid or the learned clips, F recomputed every `refresh`
+# steps. The block itself is a callable: this file knows no model.
 
-def block_loss(forward, weights, sites, transforms, x, y, qcfg: QuantConfig, gammas=None):
+def block_loss(forward, weights, sites, transforms, x, y, qcfg: QuantConfig, gammas=None, feedback=None, grids=None):
     """mean over tokens t of ||forward(Q(W T^T), x)_t - y_t||^2 / ||y_t||^2, straight-through Q; the rows of
     Q(W T^T) are Q(T w). Relative per token: every later layer reads a token through an RMSNorm, and a massive
     activation (SmolLM2's first token carries up to 98% of sum_t ||y_t||^2 in its middle blocks) would otherwise
-    make the plain MSE the error of that one token."""
-    Wq = {name: fake_quant_ste(transforms[slot](weights[name]), qcfg, None if gammas is None else gammas[name])
-          for slot, names in sites for name in names}
+    make the plain MSE the error of that one token. feedback: None (Q = RTN) or {slot: F (n, n)} (Q = GPTQ's
+    stand-in); the grid: gammas {name: (2, out, groups)} if given, else grids {name: ...} if given, else min-max."""
+    Wq = {}
+    for slot, names in sites:
+        for name in names:
+            Wr, grid = transforms[slot](weights[name]), (gammas or grids or {}).get(name)
+            Wq[name] = fake_quant_ste(Wr, qcfg, grid) if feedback is None else \
+                fake_quant_gptq_ste(Wr, feedback[slot], qcfg, grid)
     return ((forward(Wq, x) - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(1e-30)).mean()
 
 
 def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lcfg: LearnConfig, gammas=None,
-                generator=None):
+                generator=None, hessians=None):
     """forward(Wq, x) -> the block's output on x (B, T, dim) with the linear weights Wq {name: (out, in)} and the
     transforms {slot: Transform} applied online in their slots (the caller installs them there).
     weights: {name: W (out, in)} unquantized; sites: [(slot, [names of the linears reading it])].
-    gammas: None or {name: (2, out, groups)} clip parameters, learned in place. Adam, cosine decay.
-    Returns (block loss at the start, at the end) over all of X."""
+    gammas: None or {name: (2, out, groups)} clip parameters, learned in place. hessians: None (Q = RTN) or
+    {slot: H (n, n)} of the site's input before T (Q = GPTQ's stand-in). Adam, cosine decay.
+    Returns (block loss at the start, at the end) over all of X, each with its own transforms' stand-in."""
     params = [p for T in transforms.values() for p in T.parameters()]
     groups = [dict(params=params, lr=lcfg.lr)]
     if gammas is not None:
@@ -662,8 +673,18 @@ def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lc
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, lcfg.steps))
 
+    feedback, grids = (None, None) if hessians is None else ({}, {})
+
+    @torch.no_grad()
+    def refresh():      # F(T H T^T) at every site; the clip search's grid where no clip factors are learned
+        for slot, names in sites:
+            M = transforms[slot].matrix()
+            feedback[slot] = gptq_feedback(M @ hessians[slot] @ M.T).to(M.dtype)
+            for name in names:
+                grids[name] = clip_logits(transforms[slot](weights[name]), qcfg)
+
     def loss_of(x, y):
-        return block_loss(forward, weights, sites, transforms, x, y, qcfg, gammas)
+        return block_loss(forward, weights, sites, transforms, x, y, qcfg, gammas, feedback, grids)
 
     def full_loss():
         with torch.no_grad():
@@ -671,13 +692,19 @@ def learn_block(forward, weights, sites, transforms, X, Y, qcfg: QuantConfig, lc
                        for i in range(0, len(X), lcfg.batch)) / len(X)
 
     keep = [copy.deepcopy(T.state_dict()) for T in transforms.values()], copy.deepcopy(gammas)
+    if hessians is not None:
+        refresh()
     start, order, pos = full_loss(), torch.randperm(len(X), generator=generator), 0
     for step in range(1, lcfg.steps + 1):
+        if hessians is not None and step > 1 and (step - 1) % lcfg.refresh == 0:
+            refresh()
         if pos + lcfg.batch > len(X):
             order, pos = torch.randperm(len(X), generator=generator), 0
         idx = order[pos:pos + lcfg.batch]
         pos += lcfg.batch
         descend(opt, sched, loss_of(X[idx], Y[idx]), step)
+    if hessians is not None:
+        refresh()
     end = full_loss()
     if end > start:         # learning never ends worse than its start on the block loss
         for T, state in zip(transforms.values(), keep[0]):

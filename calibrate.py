@@ -163,7 +163,8 @@ def run_block(block, X, cos, sin, cc, capture=False, label=""):
 
 def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
     """The block objective: start every site as the layer objective would (lc.init), then learn the four
-    transforms (and, with lc.lwc, per-group clip factors) jointly on the block's output (butterflyquant.learn_block).
+    transforms (and, with lc.lwc, per-group clip factors) jointly on the block's output (butterflyquant.learn_block),
+    under straight-through RTN or (lc.kl_quantizer gptq) GPTQ's stand-in on each site's H.
     X, Y: the block's inputs on the quantized path and the unquantized block's outputs on them, (N, T, dim)."""
     dev, n_tok = cc.device, min(lc.tokens, X.shape[1])
     weights = {name: block.get_submodule(name).weight.detach().to(dev, torch.float32) for _, ls in SITES for name in ls}
@@ -188,8 +189,9 @@ def learn_block_transforms(block, stats, X, Y, cos, sin, cc, qc, lc, layer):
 
     g = torch.Generator().manual_seed(cc.seed * 1000003 + 4 * layer)
     try:
+        hessians = {slot: stats[slot]["H"].to(dev) for slot, _ in SITES} if lc.kl_quantizer == "gptq" else None
         start, end = bq.learn_block(forward, weights, SITES, transforms, X[:, :n_tok], Y[:, :n_tok].to(dev), qc,
-                                    lc, gammas, g)
+                                    lc, gammas, g, hessians)
     except bq.LearningError as e:
         raise UserError(f"{e}: {LOWER_LR if layer else 'lower --lr'}") from None
     return transforms, starts, gammas, (start, end)
@@ -1068,6 +1070,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-gptq", dict(rotation="butterfly", objective="gptq")),
               ("butterfly-block", dict(rotation="butterfly", objective="block")),
               ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True)),
+              ("butterfly-blockgptq", dict(rotation="butterfly", objective="block", kl_quantizer="gptq")),  # GPTQ cells
               ("butterfly-kl", dict(rotation="butterfly", objective="kl")),     # against min-max RTN in every cell
               ("hadamard-kl-lwc", dict(rotation="hadamard", objective="kl", lwc=True)),     # clip factors only
               ("butterfly-kl-lwc", dict(rotation="butterfly", objective="kl", lwc=True)),
@@ -1281,11 +1284,12 @@ def parse_args(argv=None):
                         "%d tokens each)" % FINETUNE_TOKENS)
     p.add_argument("--lr", type=float, default=None, help="learning rate (layer: 0.5, SGD; gptq: 0.02, block and kl: "
                                                           "0.01, Adam)")
-    p.add_argument("--refresh", type=int, default=10, help="gptq objective and --kl_quantizer gptq, rtnclip, rtnh: steps "
+    p.add_argument("--refresh", type=int, default=10, help="gptq objective, --kl_quantizer gptq, rtnclip, rtnh: steps "
                                                            "between recomputations of GPTQ's column weights or "
                                                            "feedback, or of the clip search's ranges")
     p.add_argument("--kl_quantizer", default=None, choices=["rtn", "rtnclip", "rtnh", "gptq", "gptaq"],
-                   help="kl objective: the straight-through quantizer, min-max RTN (or the learned clips); rtnclip: "
+                   help="kl objective (block: rtn or gptq): the straight-through quantizer, min-max RTN (or the "
+                        "learned clips); rtnclip: "
                         "RTN on the clip search's ranges, recomputed every --refresh steps; rtnh: on the ranges the "
                         "file's RTN picks, the clip search with its H-scored choice per row (H at every site); or gptq: RTN's rounding "
                         "error pushed forward through GPTQ's feedback F(T H T^T), on the clip search's grid or the "
@@ -1398,8 +1402,8 @@ def parse_args(argv=None):
     if a.out is None:
         tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
             "" if lc.objective == "layer" else f"-{lc.objective}") + (
-            lc.kl_quantizer.replace("rtnclip", "clip") if lc.objective == "kl" and lc.kl_quantizer != stand_in
-            else "")) + (
+            lc.kl_quantizer.replace("rtnclip", "clip") if (lc.objective == "kl" and lc.kl_quantizer != stand_in) or
+            (lc.objective == "block" and lc.kl_quantizer != "rtn") else "")) + (
             "-lwc" if lc.lwc else "")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"

@@ -960,10 +960,48 @@ def test_block_loss_weighs_every_token_alike_against_a_float64_reference():
     assert eb[0, 0].pow(2).sum() > 0.99 * eb.pow(2).sum()          # what the plain MSE would have measured
 
 
+def test_block_loss_under_gptqs_stand_in_pushes_the_rounding_error_through_the_feedback():
+    """With feedback F given, each linear's weight in the block loss is W' - (W' - RTN(W')) F, W' = T(W): by hand
+    in float64 for an arbitrary F and a dense orthogonal T, min-max RTN written out; F = I is plain RTN."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    M = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))[0]
+    Fb = torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=g, dtype=torch.float64).triu(1)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    Wr = W @ M.T
+    lo, hi = Wr.view(6, 2, 8).amin(-1, keepdim=True).clamp(max=0), Wr.view(6, 2, 8).amax(-1, keepdim=True).clamp(min=0)
+    s = ((hi - lo) / 3).half().double()                                 # asymmetric min-max RTN, 2 bits, g8, fp16 s
+    z = (-lo / s).round()
+    Wq = (s * ((Wr.view(6, 2, 8) / s).round() + z).clamp(0, 3) - s * z).view(6, 16)
+    forward = lambda Wq, x: (x @ M.T) @ Wq["w"].T      # noqa: E731    the slot applies T online
+    y = x @ W.T
+
+    def ref(Wh):
+        e = (x @ M.T) @ Wh.T - y
+        return (e.pow(2).sum(-1) / y.pow(2).sum(-1)).mean().item()
+    loss = lambda F: bq.block_loss(forward, {"w": W}, [("t", ["w"])], {"t": lambda w: w @ M.T}, x, y,  # noqa: E731
+                                   bq.QuantConfig(2, 8), feedback=None if F is None else {"t": F}).item()
+    assert loss(Fb) == pytest.approx(ref(Wr - (Wr - Wq) @ Fb), rel=1e-9)
+    assert loss(torch.eye(16, dtype=torch.float64)) == pytest.approx(loss(None), rel=1e-12)
+    assert abs(loss(Fb) - loss(None)) > 1e-3 * loss(None)
+    # learn_block given H: its start is that loss with F = GPTQ's feedback for the rotated inputs' H = M H M^T,
+    # on the clip search's grid
+    T = bq.Transform(16, "random", g, dtype=torch.float64)
+    Mt, H = T.matrix().detach(), (lambda X: X.T @ X / 40)(torch.randn(40, 16, generator=g, dtype=torch.float64))
+    forward = lambda Wq, x: (x @ Mt.T) @ Wq["w"].T      # noqa: E731
+    Wr, cfg = W @ Mt.T, bq.QuantConfig(2, 8)
+    Wh = Wr - (Wr - bq.fake_quant_ste(Wr, cfg, bq.clip_logits(Wr, cfg))) @ bq.gptq_feedback(Mt @ H @ Mt.T).double()
+    e = (x @ Mt.T) @ Wh.T - y
+    start, _ = bq.learn_block(forward, {"w": W}, [("t", ["w"])], {"t": T}, x, y, cfg,
+                              bq.LearnConfig(objective="block", steps=0, kl_quantizer="gptq"), hessians={"t": H})
+    assert start == pytest.approx((e.pow(2).sum(-1) / y.pow(2).sum(-1)).mean().item(), rel=1e-9)
+
+
 @needs_shared
-def test_block_objective_calibration_of_stories260k_lowers_the_block_loss(tmp_path):
-    out, argv = tiny_calibrate(tmp_path, "--objective", "block", "--block_tokens", "64", "--steps", "8", "--lwc",
-                               "--rtn")
+@pytest.mark.parametrize("stand_in", [("--lwc", "--rtn"), ("--kl_quantizer", "gptq")], ids=["rtn-lwc", "gptq"])
+def test_block_objective_calibration_of_stories260k_lowers_the_block_loss(tmp_path, stand_in):
+    """Under straight-through RTN with learned clips, and under GPTQ's stand-in (F(T H T^T) refreshed as T moves)."""
+    out, argv = tiny_calibrate(tmp_path, "--objective", "block", "--block_tokens", "64", "--steps", "8", *stand_in)
     calibrate.main(argv)
     header, _ = llama.read_safetensors(out)
     blocks = [v for k, v in header["log"].items() if k.endswith(".block")]
@@ -1413,8 +1451,8 @@ def test_sweep_only_selects_full_row_names_exactly():
     assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
     assert tags(["w2g64-gptq-hadamard"]) == ["fp"] + [f"w2g64-gptq-hadamard-s{s}" for s in (0, 1, 2)]  # no -e2e, -kl-lwc
-    assert len(tags(["w2g64-gptq"])) == 1 + (14 + 4) * 3        # a cell: every row of it
-    assert len(tags([])) == 1 + (4 * 14 + 2 * 4 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
+    assert len(tags(["w2g64-gptq"])) == 1 + (14 + 5) * 3        # a cell: every row of it
+    assert len(tags([])) == 1 + (4 * 14 + 2 * 5 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
     assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq{e}-s{s}" for c in ("2g64", "3g128")
                                          for e in ("", "-160", "-lwc", "-e2e") for s in (0, 1, 2)]  # the stand-in rows: GPTQ cells
     assert tags(["w3g128-gptq-butterfly-klgptq"]) == ["fp"] + [f"w3g128-gptq-butterfly-klgptq-s{s}" for s in (0, 1, 2)]
