@@ -503,6 +503,8 @@ class LearnConfig:
                                # calibrate.py's default under --rtn without --lwc) or gptq (fake_quant_gptq_ste, on the clip search's
                                # grid or the learned clips; calibrate.py's default under GPTQ), or gptaq
                                # (gptq on --gptaq's target W*: calibrate.py, with --gptaq only)
+    block_input: str = "quantized"  # block objective: the block's inputs X, the output of the blocks already quantized
+                                    # (EfficientQAT), or fp: of the unquantized blocks (FlatQuant); Y = block(X) unquantized
 
     def __post_init__(self):
         defaults = dict(layer=("best", 30, 0.5, "sgd"), gptq=("rhadamard", 300, 0.02, "adam"),
@@ -520,6 +522,10 @@ class LearnConfig:
             raise ValueError("batch must be >= 1, tokens >= 2, refresh >= 1 and clip_lr positive")
         if self.init not in ("identity", "hadamard", "rhadamard", "random", "best"):
             raise ValueError(f"unknown init {self.init!r}")
+        if self.block_input not in ("quantized", "fp"):
+            raise ValueError(f"unknown block input {self.block_input!r} (quantized or fp)")
+        if self.block_input != "quantized" and self.objective != "block":
+            raise ValueError("--block_input is the block objective's")
         if self.lwc and self.objective not in ("block", "kl"):
             raise ValueError("learned clip factors (--lwc) are learned by the block and kl objectives only")
         if self.objective == "kl" and (self.init == "best" or self.optim != "adam"):

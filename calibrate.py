@@ -80,7 +80,8 @@ def settings(cc, qc, lc):
     d = {k: v for k, v in asdict(cc).items() if k not in ("batch_size", "device")
          and (k != "gptaq" or v) and (k != "finetune_codes" or v and cc.finetune)
          and (k != "finetune_transforms" or cc.finetune)}
-    return dict(d, quant=asdict(qc), learn=asdict(lc) if cc.rotation == "butterfly" or lc.lwc else None)
+    learn = {k: v for k, v in asdict(lc).items() if k != "block_input" or v != "quantized"}     # as before it existed
+    return dict(d, quant=asdict(qc), learn=learn if cc.rotation == "butterfly" or lc.lwc else None)
 
 
 # -----------------------------------------------------------------------------
@@ -446,7 +447,8 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
         kl_transforms, kl_clips, kl_log = kl_learned(model, samples, cc, qc, lc, partial, sett)
     with torch.no_grad():
         X = model.tok_embeddings(samples).float()                       # (N, T, dim) on CPU
-    Xr = X.clone() if cc.gptaq else None                                # the unquantized path's inputs (--gptaq)
+    fp_blocks = lc.objective == "block" and lc.block_input == "fp" and cc.rotation == "butterfly"
+    Xr = X.clone() if cc.gptaq or fp_blocks else None     # the unquantized path's inputs (--gptaq, --block_input fp)
     cos, sin = model.rope(0, cc.seqlen, dev)
     site_log, t_blocks, done_now = {}, time.time(), 0
     for l, block in enumerate(model.layers):
@@ -472,10 +474,14 @@ def calibrate(cc: CalibConfig, qc: bq.QuantConfig, lc: bq.LearnConfig, out, eval
             continue
         given = {slot: T for (i, slot), T in kl_transforms.items() if i == l}
         clips = {name: g for (i, name), g in kl_clips.items() if i == l}
-        if Xr is None:
+        if not cc.gptaq:
             Y, stats = run_block(block, X, cos, sin, cc, capture=True, label=f"block {l + 1}: collecting H")
-            tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, X, Y, cos, sin, given, clips)  # Y: fp outputs
-            del Y, stats
+            Xl, Yl = X, Y       # what the block objective learns on: Y = the unquantized block's outputs on X
+            if fp_blocks:
+                Xl, (Yl, _) = Xr, run_block(block, Xr, cos, sin, cc, label=f"block {l + 1}: forward, unquantized")
+                Xr = Yl
+            tensors, entries, log = quantize_block(block, stats, cc, qc, lc, l, Xl, Yl, cos, sin, given, clips)
+            del Y, Yl, Xl, stats
         else:
             Xr_next, _ = run_block(block, Xr, cos, sin, cc, label=f"block {l + 1}: forward, unquantized")
             tensors, entries, log = quantize_block(block, None, cc, qc, lc, l, X, None, cos, sin, given, clips, Xr)
@@ -1070,6 +1076,7 @@ SWEEP_ROWS = [("none", dict(rotation="none")), ("hadamard", dict(rotation="hadam
               ("butterfly-gptq", dict(rotation="butterfly", objective="gptq")),
               ("butterfly-block", dict(rotation="butterfly", objective="block")),
               ("butterfly-block-lwc", dict(rotation="butterfly", objective="block", lwc=True)),
+              ("butterfly-block-fpin", dict(rotation="butterfly", objective="block", block_input="fp")),
               ("butterfly-blockgptq", dict(rotation="butterfly", objective="block", kl_quantizer="gptq")),  # GPTQ cells
               ("butterfly-kl", dict(rotation="butterfly", objective="kl")),     # against min-max RTN in every cell
               ("hadamard-kl-lwc", dict(rotation="hadamard", objective="kl", lwc=True)),     # clip factors only
@@ -1150,7 +1157,8 @@ def sweep(cc, qc, only, eval_files, eval_limit, seeds=SWEEP_SEEDS, path=os.path.
         else:
             qrow = replace(qc, bits=row["bits"], group=row["group"], gptq=row["gptq"])
             lrow = bq.LearnConfig(objective=row.get("objective", "layer"), lwc=row.get("lwc", False),
-                                  kl_quantizer=row.get("kl_quantizer", "rtn"), steps=row.get("steps"))
+                                  kl_quantizer=row.get("kl_quantizer", "rtn"), steps=row.get("steps"),
+                                  block_input=row.get("block_input", "quantized"))
             crow, out = replace(cc, rotation=row["rotation"], seed=row["seed"]), f"out/sweep-{tag}.safetensors"
             if "base" in row:       # the end-to-end pass on the base row's file (calibrated first if missing)
                 src = f"out/sweep-{row['base']}.safetensors"
@@ -1298,6 +1306,10 @@ def parse_args(argv=None):
                         "--rtn rtnh, rtn with --lwc)")
     p.add_argument("--block_batch", type=int, default=2, help="block objective: sequences per step")
     p.add_argument("--block_tokens", type=int, default=512, help="block objective: tokens per sequence it learns on")
+    p.add_argument("--block_input", default="quantized", choices=["quantized", "fp"],
+                   help="block objective: learn on the outputs of the blocks already quantized (EfficientQAT; the "
+                        "default) or of the unquantized blocks (FlatQuant), against the unquantized block's outputs "
+                        "on them")
     p.add_argument("--lwc", action="store_true",
                    help="block and kl objectives: learn per-group clip factors too, which then set the ranges of "
                         "the final quantizer (RTN or GPTQ); with a fixed --rotation the kl objective learns only them")
@@ -1382,7 +1394,7 @@ def parse_args(argv=None):
     try:
         qc = bq.QuantConfig(a.bits, 0 if a.group == -1 else a.group, a.sym, not a.no_clip, a.gptq, a.act_order)
         lc = bq.LearnConfig(a.init, a.steps, a.lr, a.rows, a.checkpoints, a.optim, a.lambda_unif, objective,
-                            a.block_batch, a.block_tokens, a.lwc, a.clip_lr, refresh=a.refresh,
+                            a.block_batch, a.block_tokens, a.lwc, a.clip_lr, refresh=a.refresh, block_input=a.block_input,
                             kl_quantizer=kl_quantizer)
     except ValueError as e:
         hint = f" (the default objective is {objective}: name another with --objective)" \
@@ -1403,7 +1415,8 @@ def parse_args(argv=None):
         tag = (cc.rotation if cc.rotation != "butterfly" else f"bf-{lc.init}" + (
             "" if lc.objective == "layer" else f"-{lc.objective}") + (
             lc.kl_quantizer.replace("rtnclip", "clip") if (lc.objective == "kl" and lc.kl_quantizer != stand_in) or
-            (lc.objective == "block" and lc.kl_quantizer != "rtn") else "")) + (
+            (lc.objective == "block" and lc.kl_quantizer != "rtn") else "") + (
+            "-fpin" if lc.block_input == "fp" else "")) + (
             "-lwc" if lc.lwc else "")
         a.out = os.path.join("out", f"{os.path.basename(cc.ckpt.rstrip('/')).replace('.gguf', '')}-w{qc.bits}"
                                     f"g{qc.group}-{tag}-{'gptq' if qc.gptq else 'rtn'}"

@@ -1012,6 +1012,36 @@ def test_block_objective_calibration_of_stories260k_lowers_the_block_loss(tmp_pa
 
 
 @needs_shared
+@pytest.mark.parametrize("block_input", ["quantized", "fp"])
+def test_block_objective_learns_on_the_inputs_it_names(tmp_path, monkeypatch, block_input):
+    """Against the unquantized model run block by block: with --block_input fp each block learns on the unquantized
+    model's hidden state X and the unquantized block's output on it (FlatQuant); by default on the quantized path's
+    X (the blocks before it quantized, so X differs from the unquantized state after block 0), Y again the
+    unquantized block's output on that X (EfficientQAT)."""
+    seen, learn = [], calibrate.learn_block_transforms
+
+    def spy(block, stats, X, Y, *args):
+        seen.append((X.clone(), Y.clone()))
+        return learn(block, stats, X, Y, *args)
+    monkeypatch.setattr(calibrate, "learn_block_transforms", spy)
+    _, argv = tiny_calibrate(tmp_path, "--objective", "block", "--block_tokens", "64", "--steps", "2",
+                             "--block_input", block_input)
+    calibrate.main(argv)
+    fp = llama.load(STORIES)[0].float()
+    cos, sin = fp.rope(0, 128, "cpu")
+    h = seen[0][0]
+    assert len(seen) == 5
+    with torch.no_grad():
+        for l, (X, Y) in enumerate(seen):
+            assert torch.allclose(Y, fp.layers[l](X, cos, sin), rtol=1e-4, atol=1e-5), l
+            if block_input == "fp":
+                assert torch.allclose(X, h, rtol=1e-4, atol=1e-5), l
+            elif l:
+                assert (X - h).norm() > 1e-2 * h.norm(), l
+            h = fp.layers[l](h, cos, sin)
+
+
+@needs_shared
 def test_kl_objective_moves_every_angle_and_factor_and_lowers_the_kl(tmp_path):
     """The kl objective on stories260K (dims 64 and 172 = 43 x 4: a K x K factor): Adam moves a parameter only where
     its gradient is non-zero, so every angle and every factor differing from its seeded start shows that the KL's
@@ -1448,11 +1478,11 @@ def test_several_models_share_the_reference_and_are_paired_per_token_against_the
 
 def test_sweep_only_selects_full_row_names_exactly():
     tags = lambda only: [t for t, _ in calibrate.sweep_rows(only)]            # noqa: E731
-    assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]       # not its -lwc sibling
+    assert tags(["w2g64-rtn-butterfly-block-s0"]) == ["fp", "w2g64-rtn-butterfly-block-s0"]  # not its -lwc, -fpin siblings
     assert tags(["w3g128-gptq-butterfly-layer"]) == ["fp"] + [f"w3g128-gptq-butterfly-layer-s{s}" for s in (0, 1, 2)]
     assert tags(["w2g64-gptq-hadamard"]) == ["fp"] + [f"w2g64-gptq-hadamard-s{s}" for s in (0, 1, 2)]  # no -e2e, -kl-lwc
-    assert len(tags(["w2g64-gptq"])) == 1 + (14 + 5) * 3        # a cell: every row of it
-    assert len(tags([])) == 1 + (4 * 14 + 2 * 5 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
+    assert len(tags(["w2g64-gptq"])) == 1 + (15 + 5) * 3        # a cell: every row of it
+    assert len(tags([])) == 1 + (4 * 15 + 2 * 5 + 2 * 2) * 3 and len(set(tags([]))) == len(tags([]))
     assert tags(["klgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-klgptq{e}-s{s}" for c in ("2g64", "3g128")
                                          for e in ("", "-160", "-lwc", "-e2e") for s in (0, 1, 2)]  # the stand-in rows: GPTQ cells
     assert tags(["w3g128-gptq-butterfly-klgptq"]) == ["fp"] + [f"w3g128-gptq-butterfly-klgptq-s{s}" for s in (0, 1, 2)]
@@ -1470,6 +1500,10 @@ def test_sweep_only_selects_full_row_names_exactly():
     a = dict(calibrate.sweep_rows(["w3g128-rtn-butterfly-block-lwc-s2"]))["w3g128-rtn-butterfly-block-lwc-s2"]
     assert (a["bits"], a["group"], a["gptq"], a["rotation"], a["objective"], a["lwc"], a["seed"]) == \
         (3, 128, False, "butterfly", "block", True, 2)
+    assert tags(["blockgptq"]) == ["fp"] + [f"w{c}-gptq-butterfly-blockgptq-s{s}" for c in ("2g64", "3g128")
+                                            for s in (0, 1, 2)]                       # GPTQ's stand-in: GPTQ cells
+    assert dict(calibrate.sweep_rows(["w2g64-rtn-butterfly-block-fpin-s0"]))["w2g64-rtn-butterfly-block-fpin-s0"][
+        "block_input"] == "fp"
     assert tags(["w3g128-gptq-hadamard"]) == tags(["w3g128-gptq-hadamard-s0", "w3g128-gptq-hadamard-s1",
                                                      "w3g128-gptq-hadamard-s2"])
 
